@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine:
+#   make book   set up .venv (if missing) and build the whole book with every cell executed
+#   make test   set up .venv (if missing) and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+BUILD  := _build
+
+.PHONY: setup book book-cached test notebooks site-check checkpoint benchmarks clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+# A clean build: jupyter-cache does not notice changes inside lora_edu, so the cache goes.
+book: $(STAMP)
+	rm -rf $(BUILD)/.jupyter_cache $(BUILD)/jupyter_execute $(BUILD)/html
+	LORA_EDU_PROGRESS=static $(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+	@echo "The site is in $(BUILD)/html/index.html"
+
+# Faster while writing: re-executes only the pages whose code changed.
+book-cached: $(STAMP)
+	LORA_EDU_PROGRESS=static $(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Regenerate notebooks/*.ipynb (for Colab) from book/*.md.
+notebooks: $(STAMP)
+	$(PY) scripts/make_notebooks.py
+
+# Screenshots of every built page in headless Chromium, plus the checks on them.
+site-check: $(STAMP)
+	$(PY) scripts/check_site.py
+
+clean:
+	rm -rf $(BUILD)
