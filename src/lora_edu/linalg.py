@@ -1,0 +1,350 @@
+"""The linear algebra of low rank: rank, the SVD, the best rank-r approximation, factorisation.
+
+Notation follows the LoRA paper (Hu et al., 2022): a weight matrix ``W ∈ R^{d×k}`` (``d`` rows,
+``k`` columns), and a rank-``r`` product ``B A`` with ``B ∈ R^{d×r}`` and ``A ∈ R^{r×k}``.
+The singular value decomposition is ``W = U diag(σ) Vᵀ`` with ``σ_1 ≥ σ_2 ≥ … ≥ 0``.
+
+Every function accepts a 2-D ``torch.Tensor`` or ``numpy.ndarray`` of real floating point
+numbers and returns torch objects (or plain Python numbers). Bad input raises a
+``TypeError``/``ValueError`` that names the argument, what was wrong and how to fix it, before
+anything is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MatrixLike",
+    "as_matrix",
+    "exact_rank",
+    "singular_values",
+    "default_tolerance",
+    "numerical_rank",
+    "truncated_svd",
+    "low_rank_approx",
+    "eckart_young_error",
+    "energy_curve",
+    "rank_for_energy",
+    "Factorisation",
+    "factorisation_loss",
+    "factorise",
+    "dense_params",
+    "lora_params",
+    "lora_paper_params",
+]
+
+MatrixLike = Union[torch.Tensor, np.ndarray]
+Norm = Literal["fro", "spectral"]
+
+
+# --------------------------------------------------------------------------- validation
+
+def as_matrix(W: MatrixLike, name: str = "W") -> torch.Tensor:
+    """Check that ``W`` is a finite, real, floating-point 2-D matrix and return it as a tensor.
+
+    NumPy arrays are wrapped without copying (``float64`` stays ``float64``).
+
+    Raises:
+        TypeError: ``W`` is not a tensor/array, or its dtype is not a real floating type
+            (integers are refused because the SVD is only defined in floating point).
+        ValueError: ``W`` is not 2-D, is empty, or holds NaN or Inf.
+    """
+    if isinstance(W, np.ndarray):
+        if not np.issubdtype(W.dtype, np.floating):
+            raise TypeError(f"{name} must hold real floating-point numbers, got NumPy dtype "
+                            f"{W.dtype}; convert it first, e.g. {name}.astype(np.float64)")
+        W = torch.from_numpy(W)
+    elif not isinstance(W, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got "
+                        f"{type(W).__name__}; wrap it with torch.tensor(..., dtype=torch.float64)")
+    if not W.is_floating_point():
+        raise TypeError(f"{name} must have a real floating dtype (float32 or float64), got "
+                        f"{W.dtype}; convert it first, e.g. {name}.double()")
+    if W.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix (d×k), got {W.ndim} dimension(s) with "
+                         f"shape {tuple(W.shape)}; reshape it or pass one matrix at a time")
+    if W.numel() == 0:
+        raise ValueError(f"{name} must have at least one row and one column, got shape "
+                         f"{tuple(W.shape)}")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"{name} contains NaN or Inf entries; rank and SVD are undefined for "
+                         f"them: clean or mask the matrix first")
+    return W
+
+
+def _check_rank(r: int, W: torch.Tensor, name: str = "r") -> int:
+    """``r`` must be an int in ``[1, min(d, k)]``: a rank-r factor pair has no room for more."""
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(r).__name__}")
+    limit = min(W.shape)
+    if not 1 <= int(r) <= limit:
+        raise ValueError(f"{name} must satisfy 1 <= {name} <= min(d, k) = {limit} for a "
+                         f"{W.shape[0]}×{W.shape[1]} matrix, got {name}={r}")
+    return int(r)
+
+
+def _check_positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _check_positive_float(value: float, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    ok = value >= 0 if allow_zero else value > 0
+    if not (ok and math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- rank
+
+def exact_rank(W: MatrixLike | list[list[int]]) -> int:
+    """The rank of a matrix of integers or exact fractions, by exact row reduction (SymPy).
+
+    No tolerance is involved, so this is the rank of the blackboard. Floating-point matrices
+    are refused: their "exact" rank is an artefact of rounding; use :func:`numerical_rank`.
+    """
+    import sympy  # imported here: only chapter 1 needs exact arithmetic
+
+    if isinstance(W, torch.Tensor):
+        if W.is_floating_point() or W.is_complex():
+            raise TypeError(f"W must hold integers for an exact rank, got {W.dtype}; "
+                            "use numerical_rank(W) for floating-point matrices")
+        W = W.tolist()
+    elif isinstance(W, np.ndarray):
+        if not np.issubdtype(W.dtype, np.integer):
+            raise TypeError(f"W must hold integers for an exact rank, got {W.dtype}; "
+                            "use numerical_rank(W) for floating-point matrices")
+        W = W.tolist()
+    M = sympy.Matrix(W)
+    if any(isinstance(x, sympy.Float) for x in M):
+        raise TypeError("W must hold integers or sympy.Rational entries for an exact rank; "
+                        "use numerical_rank(W) for floating-point matrices")
+    return int(M.rank())
+
+
+def singular_values(W: MatrixLike) -> torch.Tensor:
+    """The singular values ``σ_1 ≥ … ≥ σ_min(d,k) ≥ 0`` of ``W`` (shape ``(min(d, k),)``)."""
+    return torch.linalg.svdvals(as_matrix(W))
+
+
+def default_tolerance(W: MatrixLike, sigma: torch.Tensor | None = None) -> float:
+    """The tolerance below which a singular value counts as zero: ``σ_max · max(d, k) · ε``.
+
+    ``ε`` is the machine epsilon of ``W``'s dtype. This is the rule of NumPy's ``matrix_rank``
+    and of ``torch.linalg.matrix_rank``: the SVD of a floating-point matrix is exact only up
+    to a backward error of about ``ε·‖W‖₂`` per entry, so smaller singular values are noise.
+    """
+    W = as_matrix(W)
+    s = torch.linalg.svdvals(W) if sigma is None else sigma
+    return float(s.max()) * max(W.shape) * torch.finfo(W.dtype).eps
+
+
+def numerical_rank(W: MatrixLike, tol: float | None = None) -> int:
+    """The number of singular values of ``W`` (d×k) strictly above ``tol``.
+
+    Args:
+        W: a real floating-point matrix, ``d×k``.
+        tol: an absolute threshold ``≥ 0``; ``None`` uses :func:`default_tolerance`
+            (``σ_max · max(d, k) · ε``, as ``numpy.linalg.matrix_rank`` does).
+
+    Returns:
+        ``#{i : σ_i > tol}``, an integer in ``[0, min(d, k)]``.
+    """
+    W = as_matrix(W)
+    if tol is not None:
+        tol = _check_positive_float(tol, "tol", allow_zero=True)
+    s = torch.linalg.svdvals(W)
+    threshold = default_tolerance(W, s) if tol is None else tol
+    return int((s > threshold).sum())
+
+
+# --------------------------------------------------------------------------- SVD
+
+def truncated_svd(W: MatrixLike, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-r part of the SVD: ``U_r`` (d×r), ``σ_{1..r}`` (r,), ``V_rᵀ`` (r×k).
+
+    ``W_r = U_r diag(σ_{1..r}) V_rᵀ`` is the best rank-r approximation of ``W``.
+    """
+    W = as_matrix(W)
+    r = _check_rank(r, W)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :r], S[:r], Vh[:r, :]
+
+
+def low_rank_approx(W: MatrixLike, r: int) -> torch.Tensor:
+    """The best rank-r approximation ``W_r = Σ_{i≤r} σ_i u_i v_iᵀ`` of ``W`` (d×k → d×k).
+
+    Best in every unitarily invariant norm (Eckart–Young–Mirsky), in particular
+    ``‖W − W_r‖_F² = Σ_{i>r} σ_i²`` and ``‖W − W_r‖₂ = σ_{r+1}``.
+    """
+    U, S, Vh = truncated_svd(W, r)
+    return (U * S) @ Vh  # scales column i of U by σ_i, without forming diag(σ)
+
+
+def eckart_young_error(W: MatrixLike, r: int, norm: Norm = "fro") -> float:
+    """The smallest possible error of a rank-r approximation, read off the singular values.
+
+    ``norm="fro"``: ``‖W − W_r‖_F = sqrt(Σ_{i>r} σ_i²)``; ``norm="spectral"``:
+    ``‖W − W_r‖₂ = σ_{r+1}`` (0 when ``r = min(d, k)``). Note the Frobenius value is the
+    norm, not its square.
+    """
+    if norm not in ("fro", "spectral"):
+        raise ValueError(f"norm must be 'fro' or 'spectral', got {norm!r}")
+    W = as_matrix(W)
+    r = _check_rank(r, W)
+    s = torch.linalg.svdvals(W).double()  # sum the tail in float64: it may be tiny
+    tail = s[r:]
+    if norm == "spectral":
+        return float(tail[0]) if tail.numel() else 0.0
+    return float(tail.square().sum().sqrt())
+
+
+def energy_curve(W: MatrixLike) -> torch.Tensor:
+    """The fraction of ``‖W‖_F² = Σ σ_i²`` kept by the best rank-r approximation, r = 1…min(d,k).
+
+    Entry ``r−1`` is ``Σ_{i≤r} σ_i² / Σ_i σ_i²`` (shape ``(min(d, k),)``, ends at 1).
+    """
+    s2 = singular_values(W).double().square()
+    total = s2.sum()
+    if total == 0:
+        raise ValueError("W is the zero matrix: its energy is 0, so no fraction is defined")
+    return s2.cumsum(0) / total
+
+
+def rank_for_energy(W: MatrixLike, fraction: float = 0.9) -> int:
+    """The smallest r whose best rank-r approximation keeps ``fraction`` of ``‖W‖_F²``."""
+    fraction = _check_positive_float(fraction, "fraction")
+    if fraction > 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    curve = energy_curve(W)
+    # a tiny slack so that fraction=1.0 is reached despite rounding in the cumulative sum
+    return int(torch.searchsorted(curve, torch.tensor(fraction - 1e-12, dtype=curve.dtype))) + 1
+
+
+# --------------------------------------------------------------------------- factorisation
+
+@dataclass
+class Factorisation:
+    """The result of :func:`factorise`: ``B`` (d×r), ``A`` (r×k) and the loss after each step.
+
+    ``losses[0]`` is the loss at the initialisation, ``losses[t]`` after ``t`` steps, with
+    ``loss = ½‖BA − W‖_F²``. ``floor`` is the Eckart–Young optimum ``½ Σ_{i>r} σ_i²``.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    losses: list[float] = field(repr=False)
+    floor: float
+
+    @property
+    def product(self) -> torch.Tensor:
+        """``BA`` (d×k)."""
+        return self.B @ self.A
+
+
+def factorisation_loss(B: torch.Tensor, A: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``½‖BA − W‖_F²`` for ``B`` (d×r), ``A`` (r×k), ``W`` (d×k); its gradients are
+    ``∂/∂B = (BA − W)Aᵀ`` and ``∂/∂A = Bᵀ(BA − W)``."""
+    return 0.5 * (B @ A - W).square().sum()
+
+
+def _init_factors(d: int, k: int, r: int, init: str, scale: float, gen: torch.Generator,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA's start (B = 0, A random), a small random start for both, or both zero."""
+    if init == "lora":
+        # PEFT's default for A: kaiming_uniform_(a=√5), i.e. U(−1/√k, 1/√k), times `scale`
+        A = (torch.rand(r, k, generator=gen, dtype=dtype) * 2 - 1) * scale / math.sqrt(k)
+        return torch.zeros(d, r, dtype=dtype), A
+    if init == "small":
+        return (scale * torch.randn(d, r, generator=gen, dtype=dtype),
+                scale * torch.randn(r, k, generator=gen, dtype=dtype))
+    if init == "zero":
+        return torch.zeros(d, r, dtype=dtype), torch.zeros(r, k, dtype=dtype)
+    raise ValueError(f"init must be 'lora', 'small' or 'zero', got {init!r}")
+
+
+def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
+              optimizer: Literal["gd", "adam"] = "gd", init: Literal["lora", "small", "zero"]
+              = "lora", init_scale: float = 1.0, seed: int = 0) -> Factorisation:
+    """Fit ``min_{B,A} ½‖BA − W‖_F²`` with ``B ∈ R^{d×r}``, ``A ∈ R^{r×k}`` by gradient steps.
+
+    Args:
+        W: the target, d×k (real floating point; the factors get its dtype).
+        r: the rank of the factorisation, ``1 ≤ r ≤ min(d, k)``.
+        steps: number of optimiser steps.
+        lr: step size. Plain gradient descent is stable for ``lr`` below about ``1/σ_1(W)``
+            once the factors are balanced.
+        optimizer: ``"gd"`` (``torch.optim.SGD`` without momentum) or ``"adam"``.
+        init: ``"lora"`` (B = 0, A uniform as PEFT initialises it), ``"small"`` (both
+            Gaussian with std ``init_scale``) or ``"zero"`` (A = B = 0, a stationary point).
+        init_scale: multiplies the random initialisation.
+        seed: seeds a private generator, so the global random state is left alone.
+
+    Returns:
+        A :class:`Factorisation` with ``B``, ``A`` (detached), the loss history
+        (``steps + 1`` values) and the Eckart–Young floor.
+    """
+    W = as_matrix(W).detach()
+    r = _check_rank(r, W)
+    steps = _check_positive_int(steps, "steps")
+    lr = _check_positive_float(lr, "lr")
+    init_scale = _check_positive_float(init_scale, "init_scale", allow_zero=True)
+    if optimizer not in ("gd", "adam"):
+        raise ValueError(f"optimizer must be 'gd' or 'adam', got {optimizer!r}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B0, A0 = _init_factors(W.shape[0], W.shape[1], r, init, init_scale, gen, W.dtype)
+    B = B0.to(W.device).requires_grad_()
+    A = A0.to(W.device).requires_grad_()
+    opt_cls = torch.optim.SGD if optimizer == "gd" else torch.optim.Adam
+    opt = opt_cls([B, A], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = factorisation_loss(B, A, W)
+        losses.append(float(loss.detach()))
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        losses.append(float(factorisation_loss(B, A, W)))
+    floor = 0.5 * eckart_young_error(W, r, "fro") ** 2
+    return Factorisation(B=B.detach(), A=A.detach(), losses=losses, floor=floor)
+
+
+# --------------------------------------------------------------------------- counting
+
+def dense_params(d: int, k: int) -> int:
+    """Entries of a dense ``W ∈ R^{d×k}``: ``d·k``."""
+    return _check_positive_int(d, "d") * _check_positive_int(k, "k")
+
+
+def lora_params(d: int, k: int, r: int) -> int:
+    """Entries of ``B ∈ R^{d×r}`` and ``A ∈ R^{r×k}``: ``r(d + k)``."""
+    d, k, r = (_check_positive_int(v, n) for v, n in ((d, "d"), (k, "k"), (r, "r")))
+    if r > min(d, k):
+        raise ValueError(f"r must satisfy 1 <= r <= min(d, k) = {min(d, k)}, got r={r}; "
+                         "a larger r stores more than the rank can use")
+    return r * (d + k)
+
+
+def lora_paper_params(n_matrices: int, d_model: int, r: int) -> int:
+    """The LoRA paper's count ``|Θ| = 2 · L̂ · d_model · r`` (Hu et al., 2022, Section 4.2).
+
+    ``L̂`` (``n_matrices``) is the number of adapted weight matrices, each ``d_model×d_model``,
+    so each contributes ``r(d_model + d_model) = 2·d_model·r`` entries.
+    """
+    n, dm, r = (_check_positive_int(v, name) for v, name in
+                ((n_matrices, "n_matrices"), (d_model, "d_model"), (r, "r")))
+    return n * lora_params(dm, dm, r)

@@ -1,0 +1,256 @@
+"""Tests of lora_edu.linalg: rank, truncated SVD, Eckart–Young, factorisation, counting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_edu.linalg import (
+    as_matrix, default_tolerance, eckart_young_error, energy_curve, exact_rank, factorise,
+    dense_params, lora_paper_params, lora_params, low_rank_approx, numerical_rank,
+    rank_for_energy, singular_values, truncated_svd,
+)
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+def spectrum_matrix(d: int, k: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    """``U diag(s) Vᵀ`` with random orthonormal U (d×m), V (k×m), m = len(s)."""
+    g = torch.Generator().manual_seed(seed)
+    m = s.numel()
+    U, _ = torch.linalg.qr(torch.randn(d, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(k, m, generator=g, dtype=torch.float64))
+    return (U * s) @ V.T
+
+
+@st.composite
+def shape_and_rank(draw, max_dim: int = 12):
+    d = draw(st.integers(1, max_dim))
+    k = draw(st.integers(1, max_dim))
+    r = draw(st.integers(1, min(d, k)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return d, k, r, seed
+
+
+def gaussian(d: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randn(d, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- rank
+
+def test_exact_rank_worked_example_changes_with_one_entry():
+    W = np.array([[1, 2, 3], [2, 4, 6], [10, 20, 30]])
+    assert exact_rank(W) == 1
+    W[2, 2] = 70
+    assert exact_rank(W) == 2
+
+
+def test_exact_rank_refuses_floats():
+    with pytest.raises(TypeError, match="numerical_rank"):
+        exact_rank(np.eye(3))
+
+
+@FAST
+@given(shape_and_rank(max_dim=40))
+def test_numerical_rank_of_product_is_r(case):
+    d, k, r, seed = case
+    B, A = gaussian(d, r, seed), gaussian(r, k, seed + 1)
+    assert numerical_rank(B @ A) == r
+    assert numerical_rank((B @ A).float()) == r
+
+
+@FAST
+@given(shape_and_rank(max_dim=20))
+def test_numerical_rank_matches_numpy_and_torch(case):
+    d, k, r, seed = case
+    W = gaussian(d, r, seed) @ gaussian(r, k, seed + 1)
+    assert numerical_rank(W) == np.linalg.matrix_rank(W.numpy()) == torch.linalg.matrix_rank(W)
+    assert numerical_rank(W.numpy()) == r  # NumPy input is accepted too
+
+
+def test_numerical_rank_tolerance_decides_noise():
+    W = gaussian(64, 8, 0) @ gaussian(8, 64, 1) + 1e-6 * gaussian(64, 64, 2)
+    assert numerical_rank(W) == 64            # noise far above ε·σ_max: full rank
+    assert numerical_rank(W, tol=1e-3) == 8   # a tolerance above the noise recovers r
+    assert numerical_rank(W, tol=0) == 64
+    assert default_tolerance(W) == pytest.approx(
+        float(singular_values(W)[0]) * 64 * np.finfo(np.float64).eps)
+
+
+def test_rank_of_product_bounded_by_factors():
+    B = gaussian(6, 4, 0)
+    B[:, 3] = B[:, 0] + B[:, 1]               # rank B = 3
+    A = gaussian(4, 5, 1)
+    assert numerical_rank(B) == 3 and numerical_rank(A) == 4
+    assert numerical_rank(B @ A) == 3
+
+
+def test_row_rank_equals_column_rank():
+    W = gaussian(7, 3, 0) @ gaussian(3, 9, 1)
+    assert numerical_rank(W) == numerical_rank(W.T) == 3
+
+
+# --------------------------------------------------------------------------- SVD, Eckart–Young
+
+@FAST
+@given(shape_and_rank())
+def test_truncated_svd_error_equals_tail_energy(case):
+    d, k, r, seed = case
+    W = gaussian(d, k, seed)
+    s = torch.linalg.svdvals(W)
+    Wr = low_rank_approx(W, r)
+    tail = s[r:]
+    assert torch.linalg.matrix_norm(W - Wr, "fro") ** 2 == pytest.approx(
+        float(tail.square().sum()), abs=1e-10)
+    assert torch.linalg.matrix_norm(W - Wr, 2) == pytest.approx(
+        float(tail[0]) if tail.numel() else 0.0, abs=1e-10)
+    assert eckart_young_error(W, r) == pytest.approx(float(tail.square().sum().sqrt()), abs=1e-12)
+    assert numerical_rank(Wr) == min(r, numerical_rank(W))
+
+
+@FAST
+@given(shape_and_rank())
+def test_random_rank_r_candidates_never_beat_truncated_svd(case):
+    d, k, r, seed = case
+    W = gaussian(d, k, seed)
+    best_fro, best_two = eckart_young_error(W, r), eckart_young_error(W, r, "spectral")
+    g = torch.Generator().manual_seed(seed + 7)
+    for _ in range(20):
+        # the best matrix whose columns lie in a random r-dimensional subspace: Q Qᵀ W
+        Q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
+        for C in (Q @ (Q.T @ W), torch.randn(d, r, generator=g, dtype=torch.float64)
+                  @ torch.randn(r, k, generator=g, dtype=torch.float64)):
+            assert float(torch.linalg.matrix_norm(W - C, "fro")) >= best_fro - 1e-10
+            assert float(torch.linalg.matrix_norm(W - C, 2)) >= best_two - 1e-10
+
+
+def test_truncated_svd_factors_shapes_and_orthonormality():
+    W = gaussian(9, 6, 3)
+    U, S, Vh = truncated_svd(W, 4)
+    assert U.shape == (9, 4) and S.shape == (4,) and Vh.shape == (4, 6)
+    torch.testing.assert_close(U.T @ U, torch.eye(4, dtype=W.dtype))
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(4, dtype=W.dtype))
+    assert bool((S[:-1] >= S[1:]).all())
+    torch.testing.assert_close(low_rank_approx(W, 6), W)  # full rank reproduces W
+
+
+def test_energy_curve_and_rank_for_energy():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    W = spectrum_matrix(6, 5, s, 0)
+    curve = energy_curve(W)
+    torch.testing.assert_close(curve[:3], torch.tensor([9 / 14, 13 / 14, 1.0], dtype=W.dtype))
+    assert rank_for_energy(W, 0.6) == 1
+    assert rank_for_energy(W, 0.9) == 2
+    assert rank_for_energy(W, 1.0) == 3
+
+
+# --------------------------------------------------------------------------- factorisation
+
+@settings(max_examples=8, deadline=None)
+@given(shape_and_rank(max_dim=10), st.sampled_from(["gd", "adam"]))
+def test_factorisation_reaches_eckart_young_floor(case, optimizer):
+    d, k, r, seed = case
+    m = min(d, k)
+    g = torch.Generator().manual_seed(seed)
+    # well conditioned: top r singular values in [1, 2], the rest in [0, 0.3], a clear gap
+    s = torch.cat([1 + torch.rand(r, generator=g), 0.3 * torch.rand(m - r, generator=g)])
+    W = spectrum_matrix(d, k, s.double().sort(descending=True).values, seed)
+    lr = 0.2 if optimizer == "gd" else 0.01
+    fit = factorise(W, r, steps=1500, lr=lr, optimizer=optimizer, seed=seed)
+    half_norm = 0.5 * float(W.square().sum())
+    assert fit.floor == pytest.approx(0.5 * eckart_young_error(W, r) ** 2)
+    assert fit.losses[-1] <= 1.01 * fit.floor + 1e-6 * half_norm
+    assert fit.B.shape == (d, r) and fit.A.shape == (r, k) and len(fit.losses) == 1501
+
+
+def test_zero_initialisation_never_moves_but_lora_initialisation_learns():
+    W = gaussian(8, 6, 0)
+    stuck = factorise(W, 2, steps=50, init="zero")
+    assert stuck.losses[0] == stuck.losses[-1] == pytest.approx(0.5 * float(W.square().sum()))
+    assert not stuck.B.any() and not stuck.A.any()
+    lora = factorise(W, 2, steps=300, lr=0.05, init="lora")
+    assert lora.losses[0] == pytest.approx(0.5 * float(W.square().sum()))  # BA = 0 at start
+    assert lora.losses[-1] < 0.5 * lora.losses[0]
+
+
+def test_factorise_is_seeded_and_leaves_global_rng_alone():
+    W = gaussian(5, 4, 1)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = factorise(W, 2, steps=5, seed=3), factorise(W, 2, steps=5, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a.A, b.A) and a.losses == b.losses
+
+
+# --------------------------------------------------------------------------- counting
+
+def test_parameter_counts():
+    assert dense_params(4096, 4096) == 16_777_216
+    assert lora_params(4096, 4096, 8) == 8 * 8192
+    assert lora_params(10, 3, 2) == 26
+    # GPT-3 175B, r = 4 on W_q and W_v in 96 layers: L̂ = 192 matrices of 12288×12288
+    assert lora_paper_params(192, 12288, 4) == 2 * 192 * 12288 * 4 == 18_874_368
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("r", [0, -1, 6])
+def test_rank_out_of_range_names_r_and_range(r):
+    W = gaussian(5, 7, 0)
+    with pytest.raises(ValueError, match=r"r must satisfy 1 <= r <= min\(d, k\) = 5"):
+        low_rank_approx(W, r)
+    with pytest.raises(ValueError, match="r must"):
+        factorise(W, r)
+
+
+@pytest.mark.parametrize("r", [2.0, True, "2"])
+def test_rank_of_wrong_type(r):
+    with pytest.raises(TypeError, match="r must be an int"):
+        truncated_svd(gaussian(3, 3, 0), r)
+
+
+@pytest.mark.parametrize("W, error, message", [
+    (torch.ones(3), ValueError, "2-D"),
+    (torch.ones(2, 3, 4), ValueError, "2-D"),
+    (torch.ones(0, 3), ValueError, "at least one row"),
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+    (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+    (torch.ones(3, 3, dtype=torch.int64), TypeError, "floating dtype"),
+    (np.ones((3, 3), dtype=np.int32), TypeError, "floating-point"),
+    ([[1.0, 2.0]], TypeError, "torch.Tensor or numpy.ndarray"),
+])
+def test_bad_matrices_are_refused(W, error, message):
+    for fn in (numerical_rank, singular_values, lambda M: low_rank_approx(M, 1),
+               lambda M: factorise(M, 1, steps=1)):
+        with pytest.raises(error, match=message):
+            fn(W)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"steps": 0}, ValueError), ({"lr": -1.0}, ValueError), ({"lr": float("nan")}, ValueError),
+    ({"optimizer": "sgd"}, ValueError), ({"init": "he"}, ValueError), ({"steps": 1.5}, TypeError),
+])
+def test_factorise_bad_hyperparameters(kwargs, error):
+    with pytest.raises(error):
+        factorise(gaussian(4, 4, 0), 2, **kwargs)
+
+
+def test_bad_tolerance_and_fraction():
+    W = gaussian(3, 3, 0)
+    with pytest.raises(ValueError, match="tol"):
+        numerical_rank(W, tol=-1.0)
+    with pytest.raises(ValueError, match="fraction"):
+        rank_for_energy(W, 1.5)
+    with pytest.raises(ValueError, match="norm"):
+        eckart_young_error(W, 1, norm="nuclear")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="r must satisfy"):
+        lora_params(4, 3, 4)
+
+
+def test_as_matrix_keeps_numpy_float64_without_copy():
+    a = np.ones((2, 3))
+    t = as_matrix(a)
+    assert t.dtype == torch.float64 and t.data_ptr() == a.__array_interface__["data"][0]
