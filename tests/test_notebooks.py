@@ -1,0 +1,93 @@
+"""The chapters, their Colab notebooks, badges, install cells and the table of contents agree."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import notebook_tools as nt  # noqa: E402
+
+CHAPTERS = nt.chapters()
+IDS = [c.stem for c in CHAPTERS]
+
+
+def test_every_chapter_has_a_notebook_and_no_notebook_lacks_a_chapter():
+    expected = {nt.notebook_path(c).name for c in CHAPTERS}
+    present = {p.name for p in nt.NOTEBOOKS.glob("*.ipynb")}
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    assert not missing, f"notebooks missing: {missing}; run `{nt.REGENERATE}`"
+    assert not extra, f"notebooks without a chapter in book/: {extra}; run `{nt.REGENERATE}`"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_notebook_is_in_sync_with_its_chapter(chapter: Path):
+    notebook = nt.notebook_path(chapter)
+    if not notebook.exists():
+        pytest.fail(f"{notebook.relative_to(ROOT)} is missing; run `{nt.REGENERATE}`")
+    if notebook.read_text(encoding="utf-8") != nt.render(nt.chapter_to_notebook(chapter)):
+        pytest.fail(f"{notebook.relative_to(ROOT)} is stale against "
+                    f"{chapter.relative_to(ROOT)}; run `{nt.REGENERATE}`")
+
+
+def _cells(chapter: Path):
+    return jupytext.read(chapter, fmt="md:myst").cells
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_first_markdown_cell_has_a_colab_badge_to_an_existing_notebook(chapter: Path):
+    first = next(c for c in _cells(chapter) if c.cell_type == "markdown")
+    links = re.findall(r"\]\((https://colab\.research\.google\.com/[^)]+)\)", first.source)
+    assert links == [nt.colab_url(chapter)], (
+        f"{chapter.name}: the first markdown cell needs exactly one badge linking "
+        f"{nt.colab_url(chapter)}")
+    assert f"![Open in Colab]({nt.BADGE_IMAGE})" in first.source
+    assert (ROOT / "book" / nt.BADGE_IMAGE).exists()
+    assert nt.notebook_path(chapter).exists()
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_first_code_cell_installs_only_in_colab_and_is_removed_from_the_page(chapter: Path):
+    first = next(c for c in _cells(chapter) if c.cell_type == "code")
+    assert "remove-cell" in first.metadata.get("tags", []), f"{chapter.name}: tag remove-cell"
+    assert 'if "google.colab" in sys.modules:' in first.source
+    assert nt.install_line() in first.source, f"{chapter.name}: expected `{nt.install_line()}`"
+
+
+def _toc_files(node) -> list[str]:
+    files = []
+    if isinstance(node, dict):
+        if "file" in node:
+            files.append(node["file"])
+        if "root" in node:
+            files.append(node["root"])
+        for value in node.values():
+            files += _toc_files(value)
+    elif isinstance(node, list):
+        for item in node:
+            files += _toc_files(item)
+    return files
+
+
+def test_toc_lists_only_existing_pages_and_every_chapter():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = _toc_files(toc)
+    missing = [f for f in files if not (ROOT / f"{f}.md").exists()]
+    assert not missing, f"_toc.yml lists pages that do not exist: {missing}"
+    absent = [c.stem for c in CHAPTERS if f"book/{c.stem}" not in files]
+    assert not absent, f"chapters missing from _toc.yml: {absent}"
+    assert len(files) == len(set(files)), "a page is listed twice in _toc.yml"
+
+
+def test_notebook_generation_is_deterministic_and_strips_outputs():
+    for chapter in CHAPTERS:
+        nb = nt.chapter_to_notebook(chapter)
+        assert nt.render(nb) == nt.render(nt.chapter_to_notebook(chapter))
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+        assert len({c.id for c in nb.cells}) == len(nb.cells)
