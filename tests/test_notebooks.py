@@ -91,3 +91,12 @@ def test_notebook_generation_is_deterministic_and_strips_outputs():
         assert nt.render(nb) == nt.render(nt.chapter_to_notebook(chapter))
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
         assert len({c.id for c in nb.cells}) == len(nb.cells)
+
+
+def test_an_edited_chapter_makes_its_notebook_stale(tmp_path):
+    """The mechanism behind the sync test: a one-character edit changes the notebook."""
+    chapter = tmp_path / "99_example.md"
+    chapter.write_text("# Example\n\n```{code-cell} ipython3\nx = 1\n```\n")
+    before = nt.render(nt.chapter_to_notebook(chapter))
+    chapter.write_text("# Example\n\n```{code-cell} ipython3\nx = 2\n```\n")
+    assert nt.render(nt.chapter_to_notebook(chapter)) != before
