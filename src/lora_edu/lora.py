@@ -1,0 +1,425 @@
+"""LoRA from scratch: the layer, the configuration, and putting it into a model.
+
+LoRA (Hu et al., 2022) freezes a pretrained weight :math:`W_0 \\in \\mathbb{R}^{d\\times k}`
+and learns a low-rank update :math:`\\Delta W = B A` with :math:`B \\in \\mathbb{R}^{d\\times r}`,
+:math:`A \\in \\mathbb{R}^{r\\times k}` and :math:`r \\ll \\min(d, k)`:
+
+.. math::  h = W_0 x + b + s\\, B A\\, \\mathrm{dropout}(x), \\qquad s = \\alpha / r
+           \\;(\\text{or } \\alpha/\\sqrt{r} \\text{ with rsLoRA}).
+
+Names follow Hugging Face PEFT wherever the idea is the same (``r``, ``lora_alpha``,
+``lora_dropout``, ``bias``, ``target_modules``, ``use_rslora``, ``merge``, ``unmerge``), so what
+a student learns here transfers. Shapes follow the paper: ``lora_A`` is r×k, ``lora_B`` is d×r.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LoraConfig", "LoRALinear", "inject_lora", "mark_only_lora_as_trainable", "merge_lora",
+    "unmerge_lora", "disable_adapters", "count_parameters", "lora_layers", "find_targets",
+    "lora_summary_rows", "show_lora_summary",
+]
+
+#: Accepted values of ``LoraConfig.bias``: which biases train alongside the adapters.
+BIAS_OPTIONS = ("none", "all", "lora_only")
+#: Accepted values of ``init_lora_weights``. A later chapter extends this (e.g. ``"pissa"``)
+#: by adding a value here and a branch in :meth:`LoRALinear.reset_lora_parameters`.
+INIT_OPTIONS: tuple[Any, ...] = (True, False, "gaussian")
+
+TargetModules = Union[Sequence[str], str]
+
+
+# --------------------------------------------------------------------------- validation
+# Shared by LoraConfig and LoRALinear so that both refuse bad input with the same words.
+
+def _check_rank(r: Any) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r (the LoRA rank) must be a positive int, got {type(r).__name__} {r!r}")
+    if r <= 0:
+        raise ValueError(f"r (the LoRA rank) must be a positive int, got {r}; "
+                         "use e.g. r=8 (the rank of ΔW = B A)")
+    return r
+
+
+def _check_alpha(lora_alpha: Any) -> float:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
+    if not math.isfinite(lora_alpha) or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha must be a finite positive number, got {lora_alpha}; "
+                         "a common choice is lora_alpha = 2 * r")
+    return lora_alpha
+
+
+def _check_dropout(p: Any) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"lora_dropout must be a float in [0, 1), got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must lie in [0, 1), got {p}; "
+                         "p = 1 would drop every input of the LoRA branch")
+    return float(p)
+
+
+def _check_init(init: Any) -> Any:
+    if not (isinstance(init, bool) or (isinstance(init, str) and init in INIT_OPTIONS)):
+        raise ValueError(f"init_lora_weights must be one of {INIT_OPTIONS}, got {init!r}")
+    return init
+
+
+def _check_bias(bias: Any) -> str:
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {bias!r}")
+    return bias
+
+
+def _check_targets(target_modules: Any) -> list[str] | str:
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules is a string, so it is read as a regular "
+                             f"expression, but {target_modules!r} does not compile: {err}") from None
+        return target_modules
+    if (not isinstance(target_modules, Sequence) or not target_modules
+            or not all(isinstance(t, str) and t for t in target_modules)):
+        raise TypeError("target_modules must be a non-empty list of module names (e.g. "
+                        f"['q', 'v']) or a regex string, got {target_modules!r}")
+    return list(target_modules)
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how; the fields mean what they mean in ``peft.LoraConfig``.
+
+    Attributes:
+        r: rank of ΔW = B A (B is d×r, A is r×k).
+        lora_alpha: α in the scaling s = α/r (or α/√r when ``use_rslora``).
+        lora_dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        bias: which biases train: ``"none"``, ``"all"`` (every bias in the model) or
+            ``"lora_only"`` (biases of the adapted layers).
+        target_modules: a list (a module matches if its name equals an entry or ends with
+            ``"." + entry``) or a string (a regex that must match the whole name).
+        use_rslora: rank-stabilised scaling s = α/√r (Kalajdzievski, 2023).
+        init_lora_weights: ``True``: A Kaiming-uniform as in PEFT, B = 0; ``"gaussian"``:
+            A ~ N(0, 1/r²) as in PEFT's reading of the paper, B = 0; ``False``: A and B both
+            random, so ΔW ≠ 0 from the start (for tests only).
+        fan_in_fan_out: the target stores its weight as (k, d), as GPT-2's ``Conv1D`` does.
+
+    Validated on creation; a bad value raises ``ValueError``/``TypeError`` naming the field.
+    To extend (e.g. ``use_dora``), add a field and validate it in ``__post_init__``.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    target_modules: TargetModules = field(default_factory=lambda: ["q", "v"])
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        _check_rank(self.r)
+        _check_alpha(self.lora_alpha)
+        self.lora_dropout = _check_dropout(self.lora_dropout)
+        _check_bias(self.bias)
+        self.target_modules = _check_targets(self.target_modules)
+        _check_init(self.init_lora_weights)
+        for flag in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+
+    @property
+    def scaling(self) -> float:
+        """s = α/r, or α/√r with rsLoRA."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary; ``LoraConfig(**d)`` rebuilds the config."""
+        return asdict(self)
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor s in h = W0 x + s·B A x: α/r, or α/√r for rank-stabilised LoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+# --------------------------------------------------------------------------- the layer
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``transformers.Conv1D``: a linear layer whose weight is stored as (k, d)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+    ``forward(x)`` computes, for ``x`` of shape (..., k) and an output of shape (..., d):
+
+        h = W0 x + b + s · B A dropout(x)          (s = α/r, or α/√r with rsLoRA)
+
+    as ``base(x) + (dropout(x) @ A.T) @ B.T * s``: two thin matmuls through the rank-r
+    bottleneck, never the d×k product B A (that would cost d·k memory and time per step).
+
+    Attributes:
+        base: the wrapped ``nn.Linear`` (weight d×k); frozen by :func:`inject_lora`.
+        lora_A: ``nn.Parameter`` of shape (r, k).
+        lora_B: ``nn.Parameter`` of shape (d, r), zero at initialisation so that h = W0 x + b.
+        scaling: s.
+        merged: whether s·B A is currently added into ``base.weight``.
+
+    With fp16/bf16 base weights, A and B are kept in float32 (as PEFT does by default): the
+    LoRA branch runs in float32 and is cast back, and merging computes ΔW in float32.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, *, use_rslora: bool = False,
+                 init_lora_weights: bool | str = True, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        self._check_base(base, fan_in_fan_out)
+        self.r = _check_rank(r)
+        self.lora_alpha = _check_alpha(lora_alpha)
+        p = _check_dropout(lora_dropout)
+        _check_init(init_lora_weights)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(lora_alpha, r, use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.base = base
+        weight = base.weight
+        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        # Half-precision adapters lose small updates to rounding; keep them in fp32 like PEFT.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=weight.device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    @staticmethod
+    def _check_base(base: nn.Module, fan_in_fan_out: bool) -> None:
+        if fan_in_fan_out:
+            if not _is_conv1d(base):
+                raise ValueError(f"fan_in_fan_out=True means a weight stored as (in, out), like "
+                                 f"GPT-2's Conv1D, but the target is a {type(base).__name__} "
+                                 "(weight stored as (out, in)); set fan_in_fan_out=False")
+        elif not isinstance(base, nn.Linear):
+            hint = "; set fan_in_fan_out=True for GPT-2's Conv1D" if _is_conv1d(base) else ""
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got a {type(base).__name__}{hint}")
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """(Re)initialise A and B; B = 0 unless ``init_lora_weights is False``."""
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)  # PEFT's choice; the paper gives no σ
+        else:
+            # nn.Linear's own default init, as PEFT and the reference loralib use.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)  # ΔW = 0: training starts exactly at the base model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = W0 x + b + s·B A dropout(x); x: (..., k) → (..., d)."""
+        result = self.base(x)
+        if self.merged or self.disabled:
+            return result
+        x = self.lora_dropout(x.to(self.lora_A.dtype))
+        return result + ((x @ self.lora_A.T) @ self.lora_B.T * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B A, shaped like ``base.weight`` ((d, k), or (k, d) if fan_in_fan_out).
+
+        Computed in float32 at least (float64 stays float64), whatever the weights' dtype.
+        """
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """W ← W0 + s·B A, so that inference costs one matmul. A no-op if already merged.
+
+        The sum is formed in float32 and rounded once to the weight's dtype. With
+        ``safe_merge=True`` a non-finite result raises ``ValueError`` and the weight is untouched.
+        """
+        if self.merged:
+            return  # merging twice would add ΔW twice
+        weight = self.base.weight
+        delta = self.delta_weight()
+        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError("safe_merge: W0 + s·B A has non-finite entries; the adapter is "
+                             "broken (check A and B for inf/NaN); the base weight is unchanged")
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − s·B A, undoing :meth:`merge` (exact up to rounding). A no-op if not merged."""
+        if not self.merged:
+            return
+        weight = self.base.weight
+        delta = self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
+                f"merged={self.merged}")
+
+
+# --------------------------------------------------------------------------- model level
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every ``(name, LoRALinear)`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _matches(name: str, target_modules: TargetModules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``inject_lora`` would adapt; raises if they are not adaptable.
+
+    Raises:
+        ValueError: nothing matches (the message lists the Linear layers that exist), or a
+            match already carries LoRA.
+        TypeError: a match is not an ``nn.Linear`` (nor a ``Conv1D`` with ``fan_in_fan_out``).
+    """
+    inside_lora = {f"{n}.{c}" for n, _ in lora_layers(model) for c in ("base", "lora_dropout")}
+    names = [n for n, _ in model.named_modules()
+             if n and n not in inside_lora and _matches(n, config.target_modules)]
+    if not names:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"target_modules={config.target_modules!r} matches no module; "
+                         f"the nn.Linear layers are: {linears}")
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"module {name!r} already has LoRA; inject_lora was called twice "
+                             "(load weights with lora_edu.adapters.load_adapter instead)")
+        try:
+            LoRALinear._check_base(module, config.fan_in_fan_out)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"target module {name!r}: {err}") from None
+    return names
+
+
+def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Replace each targeted linear layer of ``model`` by a :class:`LoRALinear`, in place.
+
+    Everything but the LoRA weights (and the biases that ``config.bias`` names) is frozen.
+    All targets are checked before anything changes, so a bad config leaves ``model`` as it was.
+    The config is kept as ``model.lora_config`` for saving.
+
+    Returns:
+        ``model`` itself.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lora_edu.lora.LoraConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    names = find_targets(model, config)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(
+            getattr(parent, child), config.r, config.lora_alpha, config.lora_dropout,
+            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+            fan_in_fan_out=config.fan_in_fan_out))
+    model.lora_config = config
+    mark_only_lora_as_trainable(model, config.bias)
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze every parameter except ``lora_A``/``lora_B`` and the biases ``bias`` names."""
+    _check_bias(bias)
+    lora_bias_names = {f"{n}.base.bias" for n, _ in lora_layers(model)}
+    for name, param in model.named_parameters():
+        short = name.rsplit(".", 1)[-1]
+        param.requires_grad_(
+            short in ("lora_A", "lora_B")
+            or (bias == "all" and short == "bias")
+            or (bias == "lora_only" and name in lora_bias_names))
+
+
+def merge_lora(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every LoRA layer (W ← W0 + s·B A); merged layers are left as they are."""
+    for _, layer in lora_layers(model):
+        layer.merge(safe_merge=safe_merge)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_lora` on every merged LoRA layer."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``model`` computes the base model's outputs.
+
+    Merged layers are unmerged on entry and merged again on exit (so W0 is restored up to
+    floating-point rounding).
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    was_merged = [layer.merged for layer in layers]
+    for layer in layers:
+        layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, merged in zip(layers, was_merged):
+            layer.disabled = False
+            if merged:
+                layer.merge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters are counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def lora_summary_rows(model: nn.Module) -> list[tuple[Any, ...]]:
+    """One row per LoRA layer: name, d×k, r, s, base parameters d·k, LoRA parameters r(d+k)."""
+    return [(name, f"{layer.out_features}×{layer.in_features}", layer.r, float(layer.scaling),
+             layer.out_features * layer.in_features,
+             layer.r * (layer.out_features + layer.in_features))
+            for name, layer in lora_layers(model)]
+
+
+def show_lora_summary(model: nn.Module, title: str | None = "LoRA layers") -> Any:
+    """A rich table of what was adapted, followed by the trainable / total counts."""
+    from lora_edu.report import show_table
+
+    rows = lora_summary_rows(model)
+    trainable, total = count_parameters(model)
+    rows.append(("whole model (total, trainable)", "", "", "", total, trainable))
+    return show_table(rows, ["module", "d×k", "r", "s", "W0 parameters (d·k)",
+                             "LoRA parameters (r(d+k))"], title=title)
