@@ -1,0 +1,92 @@
+"""How long the book takes to build: each page's execution time and the whole build's wall time.
+
+Usage: python benchmarks/build_time.py [--keep-cache]
+
+Builds the book exactly as ``make book`` does (clean execution cache, every page executed,
+warnings are errors), times the whole build, reads each page's execution time from the
+jupyter-cache records, prints a table and writes
+``benchmarks/results/build_time-<device>.json``. The instructors' page shows that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from jupyter_cache import get_cache
+
+from lora_edu.report import show_table
+from lora_edu.repro import get_device
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "_build"
+TARGET_SECONDS = 300  # issue: the whole book from a clean cache in <= 5 minutes on 2 cores
+
+
+def build(keep_cache: bool) -> float:
+    if not keep_cache:
+        for sub in (".jupyter_cache", "jupyter_execute", "html"):
+            shutil.rmtree(BUILD / sub, ignore_errors=True)
+    jb = Path(sys.executable).with_name("jupyter-book")
+    env = {**os.environ, "LORA_EDU_PROGRESS": "static"}
+    start = time.perf_counter()
+    subprocess.run([str(jb), "build", str(ROOT), "--warningiserror", "--keep-going"],
+                   check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def page_times() -> list[tuple[str, float]]:
+    cache = get_cache(str(BUILD / ".jupyter_cache"))
+    rows = [(Path(r.uri).relative_to(ROOT).as_posix(), float(r.data["execution_seconds"]))
+            for r in cache.list_cache_records()]
+    return sorted(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="re-use the execution cache (times only what re-executes)")
+    args = parser.parse_args()
+    wall = build(args.keep_cache)
+    pages = page_times()
+    executed = sum(t for _, t in pages)
+    device = get_device()
+    show_table([(p, t) for p, t in pages] + [("all pages, executed", executed),
+                                              ("whole build, wall time", wall)],
+               ["page", "seconds"], title=f"Book build on {device.type}, "
+                                          f"{os.cpu_count()} CPU cores", numeric_format="{:.1f}")
+    result = {
+        "benchmark": "build_time",
+        "device": device.type,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/build_time.py" + (" --keep-cache" if args.keep_cache else ""),
+        "clean_cache": not args.keep_cache,
+        "pages": {p: round(t, 2) for p, t in pages},
+        "executed_seconds": round(executed, 2),
+        "wall_seconds": round(wall, 1),
+        "target_seconds": TARGET_SECONDS,
+        "wall_over_target_ratio": round(wall / TARGET_SECONDS, 3),
+    }
+    out = ROOT / "benchmarks" / "results" / f"build_time-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
