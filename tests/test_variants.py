@@ -1,0 +1,206 @@
+"""lora_edu.variants: rsLoRA, PiSSA, DoRA, LoRA+ — formulas, PEFT cross-checks, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_edu.lora import LoRALinear
+from lora_edu.repro import seed_all
+from lora_edu.variants import (DoRALinear, loraplus_param_groups, make_loraplus_optimizer,
+                               pissa_factors, pissa_init_, rslora_scaling)
+
+peft = pytest.importorskip("peft")
+
+X = torch.randn(5, 3, 12, generator=torch.Generator().manual_seed(3))
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(12, 10)
+        self.v = nn.Linear(10, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v(torch.tanh(self.q(x)))
+
+
+def tiny() -> Tiny:
+    seed_all(0)
+    return Tiny()
+
+
+# --------------------------------------------------------------------------- rsLoRA
+
+@pytest.mark.parametrize("alpha, r", [(16, 4), (8, 64), (1, 256)])
+def test_rslora_scaling_is_alpha_over_sqrt_r(alpha: float, r: int) -> None:
+    assert rslora_scaling(alpha, r) == pytest.approx(alpha / math.sqrt(r))
+    assert LoRALinear(nn.Linear(300, 300), r=r, lora_alpha=alpha, use_rslora=True).scaling \
+        == pytest.approx(alpha / math.sqrt(r))
+
+
+# --------------------------------------------------------------------------- PiSSA
+
+def test_pissa_keeps_output_and_puts_top_svd_in_BA() -> None:
+    seed_all(0)
+    layer = LoRALinear(nn.Linear(12, 10), r=3, lora_alpha=6)
+    w0 = layer.base.weight.detach().clone()
+    before = layer(X)
+    pissa_init_(layer)
+    torch.testing.assert_close(layer(X), before, atol=1e-5, rtol=1e-5)
+    U, S, Vh = torch.linalg.svd(w0)
+    best = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
+    torch.testing.assert_close(layer.delta_weight(), best, atol=1e-5, rtol=1e-5)
+    # The residual holds exactly the minor singular values.
+    torch.testing.assert_close(torch.linalg.svdvals(layer.base.weight)[:7], S[3:],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_matches_peft() -> None:
+    r, alpha = 4, 8
+    ours = tiny()
+    layer = LoRALinear(ours.q, r=r, lora_alpha=alpha)
+    pissa_init_(layer)
+    theirs = peft.get_peft_model(tiny(), peft.LoraConfig(r=r, lora_alpha=alpha,
+                                                         target_modules=["q"],
+                                                         init_lora_weights="pissa"))
+    q = theirs.base_model.model.q
+    # Singular vectors are defined up to sign, so compare sign-free quantities: s·B A and W_res.
+    torch.testing.assert_close(layer.delta_weight(), q.get_delta_weight("default"),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base.weight, q.base_layer.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_r_too_large_refused_and_nothing_changes() -> None:
+    layer = LoRALinear(nn.Linear(12, 10), r=11, lora_alpha=8)
+    w, a, b = (t.detach().clone() for t in (layer.base.weight, layer.lora_A, layer.lora_B))
+    with pytest.raises(ValueError, match=r"r <= min\(d, k\) = 10.*got r=11"):
+        pissa_init_(layer)
+    assert torch.equal(layer.base.weight, w) and torch.equal(layer.lora_A, a)
+    assert torch.equal(layer.lora_B, b)
+
+
+def test_pissa_full_rank_leaves_zero_residual() -> None:
+    A, B, res = pissa_factors(torch.randn(6, 4), r=4, scaling=2.0)
+    assert res.abs().max() < 1e-5 and A.shape == (4, 4) and B.shape == (6, 4)
+
+
+def test_pissa_refuses_merged_layer_and_non_lora() -> None:
+    layer = LoRALinear(nn.Linear(12, 10), r=2)
+    layer.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        pissa_init_(layer)
+    with pytest.raises(TypeError, match="LoRALinear"):
+        pissa_init_(nn.Linear(3, 3))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- DoRA
+
+def dora_pair(r: int = 4, alpha: float = 8) -> tuple[DoRALinear, nn.Module]:
+    """Our DoRA layer and PEFT's, with the same non-zero A, B and magnitude."""
+    ours = DoRALinear(tiny().q, r=r, lora_alpha=alpha)
+    model = peft.get_peft_model(tiny(), peft.LoraConfig(r=r, lora_alpha=alpha,
+                                                        target_modules=["q"], use_dora=True))
+    gen = torch.Generator().manual_seed(1)
+    q = model.base_model.model.q
+    with torch.no_grad():
+        ours.lora_A.normal_(generator=gen)
+        ours.lora_B.normal_(std=0.3, generator=gen)
+        ours.magnitude.uniform_(0.5, 2.0, generator=gen)
+        q.lora_A["default"].weight.copy_(ours.lora_A)
+        q.lora_B["default"].weight.copy_(ours.lora_B)
+        q.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
+    return ours, q
+
+
+def test_dora_init_is_lora_output() -> None:
+    layer = DoRALinear(nn.Linear(12, 10), r=4, lora_alpha=8)
+    torch.testing.assert_close(layer.magnitude, layer.base.weight.norm(dim=1))
+    torch.testing.assert_close(layer(X), layer.base(X))
+
+
+def test_dora_forward_matches_formula_and_peft() -> None:
+    ours, theirs = dora_pair()
+    w = ours.base.weight + ours.scaling * ours.lora_B @ ours.lora_A
+    expected = X @ ((ours.magnitude / w.norm(dim=1))[:, None] * w).T + ours.base.bias
+    torch.testing.assert_close(ours(X), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(X), theirs(X), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_gradients_match_peft() -> None:
+    ours, theirs = dora_pair()
+    (ours(X) ** 2).sum().backward()
+    (theirs(X) ** 2).sum().backward()
+    torch.testing.assert_close(ours.magnitude.grad,
+                               theirs.lora_magnitude_vector["default"].weight.grad,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.lora_B.grad, theirs.lora_B["default"].weight.grad,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_dora_merge_unmerge_roundtrip_and_matches_peft_merge() -> None:
+    ours, theirs = dora_pair()
+    w0, out = ours.base.weight.detach().clone(), ours(X)
+    ours.merge()
+    torch.testing.assert_close(ours(X), out, atol=1e-5, rtol=1e-5)
+    theirs.merge()
+    torch.testing.assert_close(ours.base.weight, theirs.base_layer.weight, atol=1e-5, rtol=1e-5)
+    ours.unmerge()
+    torch.testing.assert_close(ours.base.weight, w0, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_with_pissa_keeps_output() -> None:
+    seed_all(0)
+    layer = DoRALinear(nn.Linear(12, 10), r=3, lora_alpha=3)
+    out = layer(X)
+    pissa_init_(layer)
+    torch.testing.assert_close(layer(X), out, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- LoRA+
+
+def lora_model() -> nn.Module:
+    model = tiny().requires_grad_(False)
+    model.q = LoRALinear(model.q, r=2)
+    model.v = DoRALinear(model.v, r=2)
+    return model
+
+
+def test_loraplus_groups_give_B_ratio_times_lr() -> None:
+    model = lora_model()
+    groups = {g["name"]: g for g in loraplus_param_groups(model, lr=1e-3, ratio=16)}
+    assert set(groups) == {"lora_A", "lora_B"}
+    assert groups["lora_B"]["lr"] == pytest.approx(16e-3) and groups["lora_A"]["lr"] == 1e-3
+    assert {id(p) for p in groups["lora_B"]["params"]} == {id(model.q.lora_B), id(model.v.lora_B)}
+    assert {id(p) for p in groups["lora_A"]["params"]} == \
+        {id(model.q.lora_A), id(model.v.lora_A), id(model.v.magnitude)}
+
+
+def test_loraplus_matches_peft_optimizer_learning_rates() -> None:
+    from peft.optimizers import create_loraplus_optimizer
+
+    model = peft.get_peft_model(tiny(), peft.LoraConfig(r=2, target_modules=["q", "v"]))
+    theirs = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8)
+    lr_of = {id(p): g["lr"] for g in theirs.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert lr_of[id(p)] == pytest.approx(8e-3 if "lora_B" in name else 1e-3), name
+    ours = make_loraplus_optimizer(lora_model(), lr=1e-3, ratio=8)
+    assert sorted(g["lr"] for g in ours.param_groups) == pytest.approx([1e-3, 8e-3])
+
+
+@pytest.mark.parametrize("kwargs, words", [({"lr": 0}, "lr must be"),
+                                           ({"lr": 1e-3, "ratio": -1}, "ratio must be"),
+                                           ({"lr": float("nan")}, "lr must be")])
+def test_loraplus_bad_input(kwargs: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        loraplus_param_groups(lora_model(), **kwargs)
+
+
+def test_loraplus_without_lora_layers_is_refused() -> None:
+    with pytest.raises(ValueError, match="inject_lora"):
+        loraplus_param_groups(tiny(), lr=1e-3)
