@@ -288,13 +288,32 @@ def _pair(in_f=96, out_f=80, r=4, double_quant=True, bias=True, seed=0):
 def test_4bit_layer_equals_a_full_precision_layer_with_the_dequantised_weights(double_quant, bias):
     q4, ref = _pair(double_quant=double_quant, bias=bias)
     x = torch.randn(3, 7, 96)
-    out4, out = q4(x), ref(x)
+    x4, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out4, out = q4(x4), ref(x_ref)
     assert out4.shape == (3, 7, 80)
     assert torch.allclose(out4, out, rtol=0, atol=1e-6)
     out4.square().sum().backward()
     out.square().sum().backward()
     for name in ("lora_A", "lora_B"):
         assert torch.allclose(getattr(q4, name).grad, getattr(ref, name).grad, atol=1e-5)
+    assert torch.allclose(x4.grad, x_ref.grad, atol=1e-5)  # through Ŵ0, dequantised again
+
+
+def test_the_dequantised_weight_is_not_kept_for_the_backward_pass():
+    q4, _ = _pair(in_f=128, out_f=96)
+
+    def naive(x: torch.Tensor) -> torch.Tensor:  # what plain autograd would do
+        return torch.nn.functional.linear(x, q4.base.weight)
+
+    saved = {}
+    for name, layer in (("4bit", q4), ("naive", naive)):
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            layer(torch.randn(4, 128, requires_grad=True)).sum().backward()
+        saved[name] = sizes
+    assert 96 * 128 in saved["naive"]  # Ŵ0 (as its transpose) is kept for ∂L/∂x
+    assert max(saved["4bit"]) < 96 * 128  # only x and the small A, B products
 
 
 def test_base_weight_gets_no_gradient_and_the_quantised_storage_is_4bit():

@@ -344,13 +344,14 @@ def quantize_nf4(W: Tensor, block_size: int = 64, *, double_quant: bool = False,
 class Linear4bit(nn.Module):
     """A frozen linear layer ``h = Ŵ0 x + b`` whose weight lives in 4 bits.
 
-    ``Ŵ0`` (d×k) is rebuilt from its NF4 codes at every forward pass, in ``compute_dtype``,
-    and dropped afterwards: only the packed codes and constants stay in memory. The bias (if
+    ``Ŵ0`` (d×k) is rebuilt from its NF4 codes in ``compute_dtype`` at every forward pass,
+    and again in the backward pass, and dropped after each use: between the two, only the
+    packed codes and constants stay in memory (as bitsandbytes does). The bias (if
     any) stays in full precision, as in bitsandbytes.
 
-    The quantised storage is kept as buffers (so ``.to(device)`` and ``state_dict`` carry it);
-    the E4M3 codes of double quantisation are stored as uint8 so that a dtype cast of the
-    model cannot touch them.
+    The quantised storage is kept as buffers (so ``.to(device)`` and ``state_dict`` carry it).
+    The codes are uint8, which ``model.to(dtype)`` leaves alone, but it would cast the fp32
+    constants too: change the compute precision with ``compute_dtype`` instead.
     """
 
     def __init__(self, weight: QuantizedTensor, bias: Tensor | None = None,
@@ -407,13 +408,32 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``Ŵ0 x + b`` for ``x`` (..., k) → (..., d), computed in ``compute_dtype``."""
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.weight, bias)
+        out = _DequantizeMatmul.apply(x.to(self.compute_dtype), self)
+        return out if self.bias is None else out + self.bias.to(self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block_size={self.block_size}, double_quant={self.double_quant}, "
                 f"compute_dtype={self.compute_dtype}")
+
+
+class _DequantizeMatmul(torch.autograd.Function):
+    """``y = x Ŵ0ᵀ`` that keeps only the 4-bit storage between forward and backward.
+
+    Plain ``F.linear(x, layer.weight)`` would make autograd save the dequantised d×k matrix
+    for the backward pass, so every layer's full-precision weight would sit in memory until
+    the step ends. Here the backward dequantises again: ``∂L/∂x = (∂L/∂y) Ŵ0``. ``Ŵ0`` is
+    frozen, so no gradient for it is formed (nor is ``x`` saved, which only that would need).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: Linear4bit) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        return grad_out @ ctx.layer.weight, None
 
 
 def _check_compute_dtype(dtype: Any) -> None:
