@@ -1,0 +1,520 @@
+"""Why a low-rank update can be enough: intrinsic dimension, intrinsic rank, subspace similarity.
+
+Three measurements, in the order the book makes them.
+
+**Intrinsic dimension** (Li et al., 2018; Aghajanyan et al., 2021). Freeze the model's
+``D`` parameters at ``θ0`` and train only ``z ∈ R^d`` in
+
+    θ = θ0 + P z,        P ∈ R^{D×d} random and fixed,  z = 0 at the start,
+
+so training starts exactly at the given model. The smallest ``d`` that reaches 90% of what
+ordinary training reaches is ``d90``. A dense ``P`` would hold ``D·d`` numbers (a million
+parameters and ``d = 1000`` is 4 GB), so :class:`SparseProjection` keeps ``s`` non-zeros per
+column and :class:`HadamardProjection` never stores ``P`` at all. Both have columns of unit
+Euclidean norm *exactly*, as Li et al. prescribe: a unit step in ``z`` moves ``θ`` by a unit
+step, so the learning rate means the same for every ``d``. :class:`SubspaceModel` wraps any
+``nn.Module`` so that its only trainable parameter is ``z``.
+
+**Intrinsic rank** (Hu et al., 2022, Section 7). For a weight ``W0 ∈ R^{d×k}`` and its
+fine-tuned value ``W0 + ΔW``: the singular values of ``ΔW``, the rank that keeps a fraction
+of ``‖ΔW‖_F²`` (:func:`lora_edu.linalg.rank_for_energy`), and a model whose updates are cut
+to their best rank-``r`` approximations (:func:`truncate_updates`).
+
+**What LoRA learns** (Hu et al., 2022, Sections 7.2-7.3). The subspace similarity
+
+    φ(A1, A2, i, j) = ‖V1[:, :i]ᵀ V2[:, :j]‖_F² / min(i, j)  ∈ [0, 1]
+
+between the top-``i`` and top-``j`` right singular vectors of two adapters' ``A`` matrices
+(:func:`subspace_similarity`), and how strongly ``ΔW`` amplifies directions of ``W``:
+``‖Uᵀ W Vᵀ‖_F`` with ``U``, ``V`` the top-``r`` singular directions of ``ΔW``, and the
+amplification factor ``‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F`` (:func:`amplification`).
+
+Bad input raises ``TypeError``/``ValueError`` naming the argument before anything changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lora_edu.linalg import MatrixLike, as_matrix, low_rank_approx, rank_for_energy
+
+__all__ = [
+    "fwht",
+    "SparseProjection",
+    "HadamardProjection",
+    "make_projection",
+    "SubspaceModel",
+    "linear_weights",
+    "delta_weights",
+    "lora_delta_weights",
+    "rank_for_energy",
+    "truncate_updates",
+    "subspace_similarity",
+    "similarity_grid",
+    "random_similarity",
+    "projection_norm",
+    "Amplification",
+    "amplification",
+    "amplification_factor",
+]
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_int(value: Any, name: str, low: int, high: int | None = None, hint: str = "") -> int:
+    """``value`` must be an int in ``[low, high]``; the message says the range and ``hint``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        upper = "" if high is None else f" <= {high}"
+        raise ValueError(f"{name} must satisfy {low} <= {name}{upper}, got {name}={value}"
+                         f"{'; ' + hint if hint else ''}")
+    return value
+
+
+def _as_float64(M: MatrixLike, name: str) -> torch.Tensor:
+    # φ and the projections are ratios of small numbers: compute them in float64 on the CPU.
+    return as_matrix(M.detach() if isinstance(M, torch.Tensor) else M, name).to(
+        device="cpu", dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- projections
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """The unnormalised Walsh–Hadamard transform ``H x`` along the last axis.
+
+    ``x`` has shape ``(..., L)`` with ``L`` a power of two; ``H`` is the ``L×L`` Sylvester
+    Hadamard matrix (entries ±1, ``Hᵀ H = L·I``). Costs ``L log2 L`` additions instead of the
+    ``L²`` of a matrix product, and is differentiable (``Hᵀ = H``).
+    """
+    L = x.shape[-1]
+    if L < 1 or L & (L - 1):
+        raise ValueError(f"fwht needs a last dimension that is a power of two, got {L}; "
+                         f"pad x with zeros to {1 << max(0, (L - 1).bit_length())}")
+    batch = x.shape[:-1]
+    h = 1
+    while h < L:
+        # Butterfly: pair entries h apart, replace (a, b) by (a + b, a − b).
+        y = x.reshape(*batch, L // (2 * h), 2, h)
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*batch, L)
+
+
+def _check_sizes(D: int, d: int) -> tuple[int, int]:
+    D = _check_int(D, "D", 1, hint="D is the number of parameters the subspace lives in")
+    d = _check_int(d, "d", 1, D, hint="a subspace has at least one and at most D dimensions")
+    return D, d
+
+
+class SparseProjection(nn.Module):
+    """``P ∈ R^{D×d}`` with ``s`` non-zeros per column, values ``±1/√s``: ``z (d,) -> P z (D,)``.
+
+    Each column's ``s`` rows are distinct and drawn uniformly, its signs are fair coins, so
+    **every column has unit norm exactly** (``s · (1/√s)² = 1``) and two columns are
+    orthogonal in expectation. The default ``s = ⌈√D⌉`` is the "very sparse" projection of
+    Li, Hastie and Church (2006). Memory: ``d·s`` row indices and signs, not ``D·d``.
+    """
+
+    def __init__(self, D: int, d: int, s: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        D, d = _check_sizes(D, d)
+        s = math.ceil(math.sqrt(D)) if s is None else _check_int(
+            s, "s", 1, D, hint="s is the number of non-zeros per column")
+        g = torch.Generator().manual_seed(seed)
+        self.D, self.d, self.s = D, d, s
+        self.register_buffer("rows", _distinct_rows(D, d, s, g))
+        signs = torch.randint(0, 2, (d, s), generator=g).float() * 2 - 1
+        self.register_buffer("values", signs / math.sqrt(s))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``P z``: ``(d,) -> (D,)``, as ``Σ_j z_j P[:, j]`` scattered into a zero vector."""
+        _check_vector(z, self.d)
+        contrib = (self.values * z[:, None]).flatten()
+        return z.new_zeros(self.D).index_add(0, self.rows.flatten(), contrib)
+
+    def extra_repr(self) -> str:
+        return f"D={self.D}, d={self.d}, s={self.s}"
+
+
+def _distinct_rows(D: int, d: int, s: int, g: torch.Generator) -> torch.Tensor:
+    """``(d, s)`` row indices, distinct within each row of the result (redraw the collisions)."""
+    rows = torch.randint(D, (d, s), generator=g)
+    while True:
+        rows, _ = rows.sort(dim=1)
+        dup = torch.zeros_like(rows, dtype=torch.bool)
+        dup[:, 1:] = rows[:, 1:] == rows[:, :-1]
+        if not dup.any():
+            return rows
+        rows[dup] = torch.randint(D, (int(dup.sum()),), generator=g)
+
+
+class HadamardProjection(nn.Module):
+    """A subsampled randomised Hadamard transform: ``z (d,) -> P z (D,)``, ``P`` never stored.
+
+    With ``L`` the smallest power of two ``>= D`` and ``H`` the ``L×L`` Hadamard matrix,
+
+        P = (1/√D) · R H S C,
+
+    where ``C`` puts ``z``'s ``d`` entries at ``d`` random distinct positions of ``R^L``,
+    ``S`` flips random signs, ``H`` mixes every entry into every output (``L log L`` work
+    with :func:`fwht`), and ``R`` keeps ``D`` random distinct rows. Every entry of ``P`` is
+    ``±1/√D``, so **every column has unit norm exactly**; columns are nearly orthogonal, and
+    exactly orthonormal when ``D = L`` (``Hᵀ H = L·I``), in which case ``d = D`` makes ``P``
+    an orthogonal matrix and plain SGD on ``z`` retraces plain SGD on ``θ``. This is the
+    one-Hadamard member of the Fastfood family (Le et al., 2013) that Li et al. (2018) and
+    Aghajanyan et al. (2021) use to reach millions of parameters.
+    """
+
+    def __init__(self, D: int, d: int, seed: int = 0) -> None:
+        super().__init__()
+        D, d = _check_sizes(D, d)
+        L = 1 << (D - 1).bit_length()
+        g = torch.Generator().manual_seed(seed)
+        self.D, self.d, self.L = D, d, L
+        self.register_buffer("cols", torch.randperm(L, generator=g)[:d])
+        self.register_buffer("signs", torch.randint(0, 2, (d,), generator=g).float() * 2 - 1)
+        self.register_buffer("rows", torch.randperm(L, generator=g)[:D])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``P z``: ``(d,) -> (D,)`` in ``O(L log L)`` time and ``O(L)`` memory."""
+        _check_vector(z, self.d)
+        spread = z.new_zeros(self.L).index_copy(0, self.cols, z * self.signs)
+        return fwht(spread)[self.rows] / math.sqrt(self.D)
+
+    def extra_repr(self) -> str:
+        return f"D={self.D}, d={self.d}, L={self.L}"
+
+
+def _check_vector(z: torch.Tensor, d: int) -> None:
+    if not isinstance(z, torch.Tensor) or z.shape != (d,):
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z must be a tensor of shape ({d},), got {shape}")
+
+
+def make_projection(kind: str, D: int, d: int, seed: int = 0) -> nn.Module:
+    """``"sparse"`` -> :class:`SparseProjection`, ``"hadamard"`` -> :class:`HadamardProjection`."""
+    kinds = {"sparse": SparseProjection, "hadamard": HadamardProjection}
+    if kind not in kinds:
+        raise ValueError(f"projection must be one of {sorted(kinds)}, got {kind!r}")
+    return kinds[kind](D, d, seed=seed)
+
+
+def projection_matrix(projection: nn.Module, max_entries: int = 10_000_000) -> torch.Tensor:
+    """The dense ``D×d`` matrix of a projection (for checks and small pictures only)."""
+    D, d = projection.D, projection.d
+    if D * d > max_entries:
+        raise ValueError(f"a dense {D}×{d} matrix has {D * d:,} entries, more than "
+                         f"max_entries={max_entries:,}; raise max_entries if you mean it")
+    eye = torch.eye(d, device=projection.rows.device)
+    return torch.stack([projection(eye[j]) for j in range(d)], dim=1)
+
+
+# --------------------------------------------------------------------------- subspace model
+
+class SubspaceModel(nn.Module):
+    """``model`` with its ``D`` parameters replaced by ``θ0 + P z``; only ``z`` trains.
+
+    ``θ0`` is a frozen copy of the model's parameters at construction (flattened into one
+    ``(D,)`` buffer), ``P`` a ``D×d`` projection from :func:`make_projection`, and ``z`` a
+    ``(d,)`` parameter that starts at zero, so the wrapped model starts exactly at ``θ0``.
+    The forward pass calls ``model`` with the parameters ``θ0 + P z`` (``torch.func``), so
+    gradients reach ``z`` as ``Pᵀ ∂L/∂θ``. ``config`` is forwarded, so the training loop of
+    :mod:`lora_edu.train` accepts a wrapped GPT.
+
+    Args:
+        model: any ``nn.Module``; its parameters are frozen (not modified).
+        d: subspace dimension, ``1 <= d <= D``.
+        projection: ``"sparse"`` or ``"hadamard"``.
+        seed: seeds ``P`` (``z`` needs none: it starts at zero).
+    """
+
+    def __init__(self, model: nn.Module, d: int, projection: str = "sparse",
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        named = list(model.named_parameters())
+        D = sum(p.numel() for _, p in named)
+        if D == 0:
+            raise ValueError("model has no parameters, so there is no space to take a "
+                             "subspace of")
+        _check_int(d, "d", 1, D, hint=f"the model has D={D:,} parameters")
+        self.projection = make_projection(projection, D, d, seed)
+        self.model = model.requires_grad_(False)
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.register_buffer("theta0", torch.cat([p.detach().flatten() for _, p in named]))
+        self.z = nn.Parameter(torch.zeros(d, dtype=self.theta0.dtype,
+                                          device=self.theta0.device))
+
+    @property
+    def D(self) -> int:
+        return self.theta0.numel()
+
+    @property
+    def d(self) -> int:
+        return self.z.numel()
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    def theta(self) -> torch.Tensor:
+        """The current full parameter vector ``θ0 + P z``, shape ``(D,)``."""
+        return self.theta0 + self.projection(self.z)
+
+    def parameter_dict(self) -> dict[str, torch.Tensor]:
+        """``θ0 + P z`` split back into the model's named parameter shapes (views, no copy)."""
+        pieces = self.theta().split([math.prod(s) for s in self.shapes])
+        return {n: t.view(s) for n, t, s in zip(self.names, pieces, self.shapes)}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.model, self.parameter_dict(), args, kwargs)
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        """A copy of the wrapped model with ``θ0 + P z`` written into its parameters."""
+        out = copy.deepcopy(self.model)
+        params = dict(out.named_parameters())
+        for name, value in self.parameter_dict().items():
+            params[name].copy_(value)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"D={self.D:,}, d={self.d:,}"
+
+
+# --------------------------------------------------------------------------- ΔW and its rank
+
+def linear_weights(model: nn.Module, names: Iterable[str] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """``{module name: weight (d×k)}`` of every ``nn.Linear`` whose last name part is in ``names``.
+
+    ``names=None`` takes every ``nn.Linear``. A LoRA layer's frozen base weight appears under
+    the LoRA layer's own name (``blocks.0.attn.q``, not ``blocks.0.attn.q.base``).
+    """
+    wanted = None if names is None else set(names)
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        name = name.removesuffix(".base")
+        if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+            out[name] = module.weight.detach()
+    return out
+
+
+def delta_weights(base: nn.Module, tuned: nn.Module, names: Iterable[str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """``{name: ΔW = W_tuned − W0}`` (each ``d×k``) for the ``nn.Linear`` layers of both models.
+
+    Raises:
+        ValueError: the two models do not have the same Linear layers and shapes.
+    """
+    w0, w1 = linear_weights(base, names), linear_weights(tuned, names)
+    if w0.keys() != w1.keys() or any(w0[n].shape != w1[n].shape for n in w0):
+        raise ValueError("base and tuned must have the same nn.Linear layers with the same "
+                         f"shapes; base has {sorted(w0)}, tuned has {sorted(w1)}")
+    if not w0:
+        raise ValueError(f"no nn.Linear layer matches names={names!r}")
+    return {n: (w1[n].double() - w0[n].double()) for n in w0}
+
+
+def lora_delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: ΔW = s·B A}`` (each ``d×k``, float64) of every LoRA layer of ``model``."""
+    from lora_edu.lora import lora_layers
+
+    out = {name: layer.delta_weight().detach().double() for name, layer in lora_layers(model)}
+    if not out:
+        raise ValueError("model has no LoRA layer; call lora_edu.lora.inject_lora first")
+    return out
+
+
+@torch.no_grad()
+def truncate_updates(base: nn.Module, tuned: nn.Module, r: int,
+                     names: Iterable[str] | None = None) -> nn.Module:
+    """A copy of ``tuned`` whose Linear weights are ``W0 + [ΔW]_r``, the best rank-r cut of ΔW.
+
+    Every other parameter (biases, norms, embeddings) keeps its ``tuned`` value. A matrix
+    with ``min(d, k) <= r`` keeps its whole update. ``base`` and ``tuned`` are not modified.
+    """
+    r = _check_int(r, "r", 1, hint="r is the rank each update ΔW is cut to")
+    deltas = delta_weights(base, tuned, names)
+    base_w = linear_weights(base, names)
+    out = copy.deepcopy(tuned)
+    modules = dict(out.named_modules())
+    for name, dW in deltas.items():
+        cut = dW if r >= min(dW.shape) else low_rank_approx(dW, r)
+        weight = modules[name].weight
+        weight.copy_((base_w[name].double() + cut).to(weight.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------- φ
+
+def _right_singular_vectors(M: torch.Tensor) -> torch.Tensor:
+    """``V`` (k×m, m = min(n, k)) with orthonormal columns: the top right singular vectors."""
+    return torch.linalg.svd(M, full_matrices=False).Vh.T
+
+
+def _check_pair(A1: MatrixLike, A2: MatrixLike) -> tuple[torch.Tensor, torch.Tensor]:
+    A1, A2 = _as_float64(A1, "A1"), _as_float64(A2, "A2")
+    if A1.shape[1] != A2.shape[1]:
+        raise ValueError(f"A1 ({A1.shape[0]}×{A1.shape[1]}) and A2 ({A2.shape[0]}×"
+                         f"{A2.shape[1]}) must have the same number of columns k: φ compares "
+                         "subspaces of the same input space R^k. Pass the A matrices (r×k) of "
+                         "the same module, or B.T for the B matrices")
+    return A1, A2
+
+
+def subspace_similarity(A1: MatrixLike, A2: MatrixLike, i: int, j: int) -> float:
+    """The LoRA paper's normalised subspace similarity φ (Hu et al., 2022, eq. (4)).
+
+    With ``A1 = U1 Σ1 V1ᵀ`` and ``A2 = U2 Σ2 V2ᵀ`` (SVDs; ``A1`` is ``r1×k``, ``A2`` is
+    ``r2×k``) and ``V1ᵢ`` the first ``i`` columns of ``V1`` (the top-``i`` **right**
+    singular vectors, ``k×i``),
+
+        φ(A1, A2, i, j) = ‖V1ᵢᵀ V2ⱼ‖_F² / min(i, j)  ∈ [0, 1].
+
+    Right singular vectors, because they live in ``R^k``, the space of the layer's inputs
+    that ``A`` reads: the adapters of two runs share that space. The left singular vectors
+    (``r×r``) only describe a basis of the ``r``-dimensional bottleneck, which each run picks
+    arbitrarily. For ``B`` (``d×r``) pass ``B.T`` to compare output directions. φ is 1 when
+    one subspace contains the other and 0 when they are orthogonal; two random subspaces
+    give ``max(i, j)/k`` on average (:func:`random_similarity`).
+
+    Args:
+        A1, A2: real matrices with the same number of columns ``k``.
+        i: ``1 <= i <= min(r1, k)``; j: ``1 <= j <= min(r2, k)``.
+    """
+    A1, A2 = _check_pair(A1, A2)
+    i = _check_int(i, "i", 1, min(A1.shape), hint="A1 has that many right singular vectors")
+    j = _check_int(j, "j", 1, min(A2.shape), hint="A2 has that many right singular vectors")
+    overlap = _right_singular_vectors(A1)[:, :i].T @ _right_singular_vectors(A2)[:, :j]
+    return float(overlap.square().sum() / min(i, j))
+
+
+def similarity_grid(A1: MatrixLike, A2: MatrixLike) -> torch.Tensor:
+    """φ(A1, A2, i, j) for every ``i`` and ``j`` at once, as a ``(m1, m2)`` float64 tensor.
+
+    Entry ``[i-1, j-1]`` is :func:`subspace_similarity` ``(A1, A2, i, j)``; one SVD each and
+    a double cumulative sum of ``(V1ᵀ V2)²`` instead of ``m1·m2`` separate products.
+    """
+    A1, A2 = _check_pair(A1, A2)
+    overlap2 = (_right_singular_vectors(A1).T @ _right_singular_vectors(A2)).square()
+    cumulative = overlap2.cumsum(0).cumsum(1)
+    i = torch.arange(1, cumulative.shape[0] + 1, dtype=torch.float64)[:, None]
+    j = torch.arange(1, cumulative.shape[1] + 1, dtype=torch.float64)[None, :]
+    return cumulative / torch.minimum(i, j)
+
+
+def random_similarity(i: int, j: int, k: int) -> float:
+    """The expected φ of a fixed ``i``-dim and a uniformly random ``j``-dim subspace of ``R^k``.
+
+    Each of the ``j`` random orthonormal columns keeps on average ``i/k`` of its unit squared
+    norm in the ``i``-dim subspace, so ``E‖V1ᵢᵀ V2ⱼ‖_F² = i·j/k`` and ``E φ = max(i, j)/k``.
+    """
+    k = _check_int(k, "k", 1, hint="k is the dimension of the space")
+    i = _check_int(i, "i", 1, k, hint="a subspace of R^k has at most k dimensions")
+    j = _check_int(j, "j", 1, k, hint="a subspace of R^k has at most k dimensions")
+    return max(i, j) / k
+
+
+# --------------------------------------------------------------------------- ΔW against W
+
+def projection_norm(W: MatrixLike, U: MatrixLike, V: MatrixLike) -> float:
+    """``‖Uᵀ W Vᵀ‖_F``: how much of ``W`` (d×k) lies in the ``r``-dim directions ``U``, ``V``.
+
+    ``U`` is ``d×r`` and ``V`` is ``r×k`` (rows: right singular directions), the paper's
+    Section 7.3 convention. With orthonormal ``U`` columns and ``V`` rows it is the norm of
+    ``W`` projected on both sides onto those directions.
+    """
+    W, U, V = _as_float64(W, "W"), _as_float64(U, "U"), _as_float64(V, "V")
+    d, k = W.shape
+    if U.shape[0] != d or V.shape[1] != k or U.shape[1] != V.shape[0]:
+        raise ValueError(f"for W of shape {d}×{k}, U must be {d}×r and V r×{k} with the same r; "
+                         f"got U {tuple(U.shape)} and V {tuple(V.shape)}")
+    return float(torch.linalg.matrix_norm(U.T @ W @ V.T))
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """The Section 7.3 numbers for one ``(ΔW, W, r)``; norms are Frobenius norms.
+
+    Attributes:
+        r: how many singular directions.
+        delta_norm: ``‖ΔW‖_F``.
+        weight_norm: ``‖W‖_F``.
+        proj_delta: ``‖Uᵀ W Vᵀ‖_F`` with ``U``, ``V`` the top-r directions of ``ΔW``.
+        proj_weight: the same with the top-r directions of ``W`` itself (its largest part).
+        proj_random: the same with random orthonormal directions (the chance level).
+    """
+
+    r: int
+    delta_norm: float
+    weight_norm: float
+    proj_delta: float
+    proj_weight: float
+    proj_random: float
+
+    @property
+    def factor(self) -> float:
+        """The amplification factor ``‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F`` (ΔW's directions)."""
+        return self.delta_norm / self.proj_delta if self.proj_delta > 0 else math.inf
+
+
+def _top_directions(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :r], Vh[:r, :]
+
+
+def _random_directions(d: int, k: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(k, r, generator=g, dtype=torch.float64))
+    return U, V.T
+
+
+def amplification(delta_W: MatrixLike, W: MatrixLike, r: int, seed: int = 0) -> Amplification:
+    """The LoRA paper's Table 7 for one matrix: does ``ΔW`` amplify directions already in ``W``?
+
+    ``U`` (d×r) and ``V`` (r×k) are the top-``r`` left/right singular directions of ``ΔW``;
+    ``‖Uᵀ W Vᵀ‖_F`` is small when ``ΔW`` points where ``W`` is weak, and
+    ``‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F`` is how much the update magnifies those directions (the paper:
+    about 21.5 for ``r = 4`` and 2 for ``r = 64`` on GPT-3's ``W_q``).
+
+    Args:
+        delta_W: the update, ``d×k``; W: the weight it is compared with (usually ``W0``), ``d×k``.
+        r: ``1 <= r <= min(d, k)``; use the adapter's rank.
+        seed: for the random directions.
+    """
+    dW, W = _as_float64(delta_W, "delta_W"), _as_float64(W, "W")
+    if dW.shape != W.shape:
+        raise ValueError(f"delta_W {tuple(dW.shape)} and W {tuple(W.shape)} must have the same "
+                         "shape: ΔW is an update of W")
+    r = _check_int(r, "r", 1, min(W.shape), hint="U and V have at most min(d, k) directions")
+    if not bool(dW.abs().max() > 0):
+        raise ValueError("delta_W is the zero matrix, so it has no directions to project on; "
+                         "train the adapter first (LoRA starts with ΔW = B A = 0)")
+    fro = lambda M: float(torch.linalg.matrix_norm(M))  # noqa: E731
+    return Amplification(
+        r=r, delta_norm=fro(dW), weight_norm=fro(W),
+        proj_delta=projection_norm(W, *_top_directions(dW, r)),
+        proj_weight=projection_norm(W, *_top_directions(W, r)),
+        proj_random=projection_norm(W, *_random_directions(*W.shape, r, seed)))
+
+
+def amplification_factor(delta_W: MatrixLike, W: MatrixLike, r: int) -> float:
+    """``‖ΔW‖_F / ‖Uᵀ W Vᵀ‖_F`` with ``U``, ``V`` the top-``r`` singular directions of ``ΔW``."""
+    return amplification(delta_W, W, r).factor

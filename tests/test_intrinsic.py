@@ -1,0 +1,308 @@
+"""Tests of lora_edu.intrinsic: projections, subspace training, ΔW analyses, φ, amplification."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lora_edu.intrinsic import (
+    HadamardProjection, SparseProjection, SubspaceModel, amplification, amplification_factor,
+    delta_weights, fwht, make_projection, projection_matrix, projection_norm,
+    random_similarity, similarity_grid, subspace_similarity, truncate_updates,
+)
+from lora_edu.linalg import low_rank_approx, numerical_rank
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+def gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def orthogonal(n: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(gaussian(n, n, seed=seed))[0]
+
+
+# --------------------------------------------------------------------------- projections
+
+def test_fwht_is_the_hadamard_matrix():
+    H2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    H = H2
+    for _ in range(3):
+        H = torch.kron(H2, H)  # Sylvester's construction: H_16 = H_2 ⊗ H_2 ⊗ H_2 ⊗ H_2
+    x = gaussian(3, 16, seed=1)
+    assert torch.allclose(fwht(x), x @ H.T)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "hadamard"])
+@pytest.mark.parametrize("D,d", [(1, 1), (37, 5), (300, 300), (1000, 64), (4096, 17)])
+def test_every_column_has_unit_norm(kind, D, d):
+    P = projection_matrix(make_projection(kind, D, d, seed=D + d)).double()
+    assert P.shape == (D, d)
+    assert torch.allclose(P.norm(dim=0), torch.ones(d, dtype=torch.float64), atol=1e-5)
+
+
+def test_sparse_projection_has_s_distinct_rows_per_column():
+    proj = SparseProjection(50, 40, s=20, seed=3)  # s²/D large: collisions must be redrawn
+    P = projection_matrix(proj)
+    assert ((P != 0).sum(dim=0) == 20).all()
+    assert torch.allclose(P.abs()[P != 0], torch.full((40 * 20,), 1 / math.sqrt(20)))
+    assert proj.rows.shape == (40, 20) and proj.s == 20
+
+
+def test_default_sparsity_is_sqrt_D():
+    assert SparseProjection(10_000, 3).s == 100
+
+
+@pytest.mark.parametrize("D", [64, 256])
+def test_hadamard_projection_is_orthogonal_when_D_is_a_power_of_two(D):
+    P = projection_matrix(HadamardProjection(D, D, seed=0)).double()
+    assert torch.allclose(P.T @ P, torch.eye(D, dtype=torch.float64), atol=1e-5)
+
+
+def test_columns_nearly_orthogonal_for_large_D():
+    for kind in ("sparse", "hadamard"):
+        P = projection_matrix(make_projection(kind, 5000, 20, seed=1)).double()
+        off = P.T @ P - torch.eye(20, dtype=torch.float64)
+        assert off.abs().max() < 0.1, kind  # ~1/sqrt(D) for random unit vectors
+
+
+@pytest.mark.parametrize("kind", ["sparse", "hadamard"])
+def test_projection_is_linear_and_its_gradient_is_the_transpose(kind):
+    proj = make_projection(kind, 300, 12, seed=5)
+    P = projection_matrix(proj)
+    z = torch.randn(12, requires_grad=True)
+    g = torch.randn(300)
+    assert torch.allclose(proj(z), P @ z, atol=1e-5)
+    (proj(z) @ g).backward()
+    assert torch.allclose(z.grad, P.T @ g, atol=1e-4)
+
+
+def test_projection_is_fixed_by_its_seed():
+    a, b = SparseProjection(500, 10, seed=7), SparseProjection(500, 10, seed=7)
+    assert torch.equal(projection_matrix(a), projection_matrix(b))
+    c = SparseProjection(500, 10, seed=8)
+    assert not torch.equal(projection_matrix(a), projection_matrix(c))
+
+
+# --------------------------------------------------------------------------- subspace training
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(7, 8), nn.Tanh(), nn.Linear(8, 8, bias=False))  # 64 + 64
+
+
+def test_subspace_model_starts_at_theta0_and_trains_only_z():
+    net = tiny_net()
+    x = torch.randn(5, 7)
+    sub = SubspaceModel(net, d=10, projection="sparse")
+    assert sub.D == 128 and sub.d == 10
+    assert torch.equal(sub(x), net(x))
+    assert [n for n, p in sub.named_parameters() if p.requires_grad] == ["z"]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_subspace_sgd_with_d_equal_D_reproduces_ordinary_sgd(steps):
+    """With D = 128 = L, P is orthogonal, so z ← z − η Pᵀ g gives θ ← θ − η P Pᵀ g = θ − η g."""
+    x, y = torch.randn(16, 7), torch.randn(16, 8)
+    plain = tiny_net()
+    sub = SubspaceModel(tiny_net(), d=128, projection="hadamard", seed=2)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
+    opt_sub = torch.optim.SGD([sub.z], lr=0.1)
+    for _ in range(steps):
+        for model, opt in ((plain, opt_plain), (sub, opt_sub)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    theta_plain = torch.cat([p.detach().flatten() for p in plain.parameters()])
+    assert not torch.allclose(theta_plain, sub.theta0)  # training did move
+    assert torch.allclose(sub.theta().detach(), theta_plain, atol=1e-5)
+
+
+def test_subspace_sgd_with_small_d_does_not_reproduce_ordinary_sgd():
+    # The comparison above can fail: a 5-dim subspace cannot follow the full gradient.
+    x, y = torch.randn(16, 7), torch.randn(16, 8)
+    plain, sub = tiny_net(), SubspaceModel(tiny_net(), d=5, projection="hadamard")
+    for model, params in ((plain, list(plain.parameters())), (sub, [sub.z])):
+        nn.functional.mse_loss(model(x), y).backward()
+        torch.optim.SGD(params, lr=0.1).step()
+    theta_plain = torch.cat([p.detach().flatten() for p in plain.parameters()])
+    assert not torch.allclose(sub.theta().detach(), theta_plain, atol=1e-3)
+
+
+def test_export_writes_theta_into_a_copy():
+    net = tiny_net()
+    before = [p.clone() for p in net.parameters()]
+    sub = SubspaceModel(net, d=4)
+    with torch.no_grad():
+        sub.z.fill_(0.5)
+    out = sub.export()
+    assert torch.allclose(torch.cat([p.flatten() for p in out.parameters()]), sub.theta())
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # original intact
+
+
+# --------------------------------------------------------------------------- ΔW
+
+def test_delta_weights_and_truncation():
+    base, tuned = tiny_net(0), tiny_net(0)
+    with torch.no_grad():
+        tuned[2].weight.add_(gaussian(8, 8, seed=3).float())
+    deltas = delta_weights(base, tuned)
+    assert set(deltas) == {"0", "2"}
+    assert deltas["0"].abs().max() == 0
+    cut = truncate_updates(base, tuned, r=2)
+    dW = delta_weights(base, cut)["2"]
+    assert numerical_rank(dW, tol=1e-4) == 2
+    assert torch.allclose(dW, low_rank_approx(deltas["2"], 2), atol=1e-5)
+    full = truncate_updates(base, tuned, r=8)
+    assert torch.allclose(full[2].weight, tuned[2].weight)
+
+
+# --------------------------------------------------------------------------- φ
+
+@st.composite
+def two_adapters(draw):
+    k = draw(st.integers(2, 40))
+    r1, r2 = draw(st.integers(1, k)), draw(st.integers(1, k))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return gaussian(r1, k, seed=seed), gaussian(r2, k, seed=seed + 1)
+
+
+@FAST
+@given(two_adapters())
+def test_phi_lies_in_0_1_and_grid_matches(pair):
+    A1, A2 = pair
+    grid = similarity_grid(A1, A2)
+    assert grid.shape == (min(A1.shape), min(A2.shape))
+    assert (grid >= -1e-12).all() and (grid <= 1 + 1e-12).all()
+    i, j = grid.shape
+    assert subspace_similarity(A1, A2, i, j) == pytest.approx(float(grid[-1, -1]))
+    assert subspace_similarity(A1, A2, 1, j) == pytest.approx(float(grid[0, -1]))
+
+
+def test_phi_is_one_for_the_same_subspace_and_zero_for_orthogonal_ones():
+    A = gaussian(8, 64, seed=1)
+    assert subspace_similarity(A, A, 8, 8) == pytest.approx(1.0)
+    # M A has the same row space as A for invertible M: φ sees subspaces, not matrices.
+    assert subspace_similarity(A, gaussian(8, 8, seed=2) @ A, 8, 8) == pytest.approx(1.0)
+    Q = orthogonal(64, seed=3)
+    assert subspace_similarity(Q[:8], Q[8:24], 8, 16) == pytest.approx(0.0, abs=1e-12)
+    # a subspace inside a bigger one: φ normalises by min(i, j)
+    assert subspace_similarity(Q[:4], Q[:32], 4, 32) == pytest.approx(1.0)
+
+
+def test_phi_uses_the_top_singular_vectors():
+    Q = orthogonal(32, seed=4)
+    A1 = torch.diag(torch.tensor([5.0, 1.0], dtype=torch.float64)) @ Q[:2]  # top direction Q[0]
+    A2 = torch.diag(torch.tensor([1.0, 5.0], dtype=torch.float64)) @ Q[:2]  # top direction Q[1]
+    assert subspace_similarity(A1, A2, 1, 1) == pytest.approx(0.0, abs=1e-12)
+    assert subspace_similarity(A1, A2, 2, 2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("i,j,k", [(1, 1, 16), (8, 64, 128), (4, 4, 32), (16, 2, 50)])
+def test_phi_of_random_subspaces_matches_its_expectation(i, j, k):
+    values = [subspace_similarity(gaussian(i, k, seed=s), gaussian(j, k, seed=10_000 + s), i, j)
+              for s in range(300)]
+    mean, sd = torch.tensor(values).mean().item(), torch.tensor(values).std().item()
+    assert random_similarity(i, j, k) == max(i, j) / k
+    assert mean == pytest.approx(max(i, j) / k, abs=4 * sd / math.sqrt(300) + 1e-3)
+
+
+# --------------------------------------------------------------------------- amplification
+
+def test_amplification_by_hand():
+    """W = diag(4, 3, 2, 1); ΔW = 6 e4 e4ᵀ + 3 e3 e3ᵀ.
+
+    r = 1: ΔW's top direction is e4, Uᵀ W Vᵀ = W[3, 3] = 1, factor ‖ΔW‖_F/1 = √45.
+    r = 2: directions e4, e3, Uᵀ W Vᵀ = diag(1, 2), norm √5, factor √45/√5 = 3.
+    W's own top directions: r = 1 gives 4, r = 2 gives √(16 + 9) = 5.
+    Rotating W and ΔW by the same orthogonal matrices changes none of it.
+    """
+    W = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    dW = torch.zeros(4, 4, dtype=torch.float64)
+    dW[3, 3], dW[2, 2] = 6.0, 3.0
+    Q1, Q2 = orthogonal(4, 1), orthogonal(4, 2)
+    for w, dw in ((W, dW), (Q1 @ W @ Q2.T, Q1 @ dW @ Q2.T)):
+        one, two = amplification(dw, w, 1), amplification(dw, w, 2)
+        assert one.proj_delta == pytest.approx(1.0)
+        assert one.factor == pytest.approx(math.sqrt(45))
+        assert two.proj_delta == pytest.approx(math.sqrt(5))
+        assert two.factor == pytest.approx(3.0)
+        assert amplification_factor(dw, w, 2) == pytest.approx(3.0)
+        assert (one.proj_weight, two.proj_weight) == (pytest.approx(4.0), pytest.approx(5.0))
+        assert one.weight_norm == pytest.approx(math.sqrt(30))
+
+
+def test_projection_norm_of_a_random_direction_is_small():
+    W = gaussian(200, 200, seed=1) / math.sqrt(200)  # ‖W‖_F ≈ √200, ‖W‖_F² per entry 1/200
+    report = amplification(gaussian(200, 200, seed=2), W, 4, seed=3)
+    assert report.proj_random < report.proj_weight
+    assert report.proj_random == pytest.approx(math.sqrt(16 / 200), rel=0.6)  # E = r·r/(200)
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("i,j,match", [(0, 1, "i must satisfy 1 <= i <= 4"),
+                                        (5, 1, "i must satisfy 1 <= i <= 4"),
+                                        (1, 7, "j must satisfy 1 <= j <= 6"),
+                                        (1, -1, "j must satisfy")])
+def test_phi_refuses_i_or_j_out_of_range(i, j, match):
+    with pytest.raises(ValueError, match=match):
+        subspace_similarity(gaussian(4, 10), gaussian(6, 10), i, j)
+
+
+def test_phi_refuses_bad_types_and_shapes():
+    with pytest.raises(ValueError, match="same number of columns k"):
+        subspace_similarity(gaussian(4, 10), gaussian(4, 12), 1, 1)
+    with pytest.raises(ValueError, match="same number of columns k"):
+        similarity_grid(gaussian(4, 10), gaussian(4, 12))
+    with pytest.raises(TypeError, match="i must be an int"):
+        subspace_similarity(gaussian(4, 10), gaussian(4, 10), 1.0, 1)
+    with pytest.raises(ValueError, match="2-D"):
+        subspace_similarity(gaussian(10), gaussian(4, 10), 1, 1)
+    with pytest.raises(ValueError, match="i must satisfy"):
+        random_similarity(9, 1, 8)
+
+
+@pytest.mark.parametrize("d", [0, -3])
+def test_subspace_refuses_nonpositive_d_and_leaves_model_alone(d):
+    net = tiny_net()
+    with pytest.raises(ValueError, match="d must satisfy 1 <= d"):
+        SubspaceModel(net, d=d)
+    assert all(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="d must satisfy 1 <= d <= 10"):
+        SparseProjection(10, d)
+
+
+def test_subspace_refuses_d_above_D_and_bad_kinds():
+    with pytest.raises(ValueError, match="D=128"):
+        SubspaceModel(tiny_net(), d=129)
+    with pytest.raises(TypeError, match="d must be an int"):
+        SubspaceModel(tiny_net(), d=2.5)
+    with pytest.raises(ValueError, match="projection must be one of"):
+        SubspaceModel(tiny_net(), d=3, projection="dense")
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        SparseProjection(10, 4)(torch.zeros(5))
+    with pytest.raises(ValueError, match="power of two"):
+        fwht(torch.zeros(12))
+
+
+def test_amplification_and_truncation_refuse_bad_input():
+    W = gaussian(6, 5)
+    with pytest.raises(ValueError, match="same shape"):
+        amplification(gaussian(5, 6), W, 1)
+    with pytest.raises(ValueError, match="r must satisfy 1 <= r <= 5"):
+        amplification(gaussian(6, 5), W, 6)
+    with pytest.raises(ValueError, match="zero matrix"):
+        amplification(torch.zeros(6, 5, dtype=torch.float64), W, 1)
+    with pytest.raises(ValueError, match="U must be 6×r"):
+        projection_norm(W, gaussian(5, 2), gaussian(2, 5))
+    with pytest.raises(ValueError, match="r must satisfy 1 <= r"):
+        truncate_updates(tiny_net(), tiny_net(), 0)
+    with pytest.raises(ValueError, match="same nn.Linear layers"):
+        delta_weights(tiny_net(), nn.Sequential(nn.Linear(7, 8)))
