@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lora_edu.lora import (LoraConfig, LoRALinear, count_parameters, disable_adapters,
-                           find_targets, inject_lora, lora_layers, mark_only_lora_as_trainable,
-                           merge_lora, show_lora_summary, unmerge_lora)
+                           inject_lora, lora_layers, mark_only_lora_as_trainable,
+                           merge_and_unload, merge_lora, show_lora_summary, unmerge_lora)
 from lora_edu.repro import seed_all
 
 
@@ -289,6 +289,31 @@ def test_merge_lora_model_and_disable_adapters() -> None:
     assert all(layer.merged for _, layer in lora_layers(model))
     unmerge_lora(model)
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_gives_a_plain_model() -> None:
+    model = inject_lora(tiny_model(), LoraConfig(r=2, lora_alpha=4))
+    set_random_lora(model)
+    x = torch.randn(4, 16)
+    y = model(x)
+    merge_and_unload(model)
+    assert not list(lora_layers(model))
+    assert type(model[0].q) is nn.Linear and "lora_config" not in vars(model)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_safe_merge_is_all_or_nothing() -> None:
+    model = inject_lora(tiny_model(), LoraConfig(r=2))
+    set_random_lora(model)
+    with torch.no_grad():
+        model[1].v.lora_B[0, 0] = float("nan")
+    before = state(model)
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_and_unload(model, safe_merge=True)
+    assert all(not layer.merged for _, layer in lora_layers(model))
+    after = state(model)
+    for name in before:  # unmerge restores W0 up to rounding only
+        torch.testing.assert_close(after[name], before[name], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def test_disable_adapters_restores_on_exception() -> None:

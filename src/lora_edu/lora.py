@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = [
     "LoraConfig", "LoRALinear", "inject_lora", "mark_only_lora_as_trainable", "merge_lora",
-    "unmerge_lora", "disable_adapters", "count_parameters", "lora_layers", "find_targets",
+    "unmerge_lora", "merge_and_unload", "disable_adapters", "count_parameters", "lora_layers", "find_targets",
     "lora_summary_rows", "show_lora_summary",
 ]
 
@@ -376,6 +376,31 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_lora` on every merged LoRA layer."""
     for _, layer in lora_layers(model):
         layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every LoRA layer and put its plain base layer back, for deployment.
+
+    Afterwards ``model`` has its original architecture with weights W0 + s·B A, so inference
+    costs exactly what the base model costs. A and B are dropped: this cannot be undone. With
+    ``safe_merge`` a non-finite result raises ``ValueError`` and every layer is left unmerged.
+    """
+    layers = list(lora_layers(model))
+    done: list[LoRALinear] = []
+    try:
+        for _, layer in layers:
+            layer.merge(safe_merge=safe_merge)
+            done.append(layer)
+    except ValueError:
+        for layer in done:
+            layer.unmerge()
+        raise
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    if "lora_config" in vars(model):
+        del model.lora_config
     return model
 
 
