@@ -5,16 +5,16 @@ position embeddings, ``n_layer`` pre-norm blocks ``x + Attn(LN(x))`` then ``x + 
 a final LayerNorm and a linear head over the vocabulary. Its Linear layers carry the names
 the LoRA paper uses, so that ``target_modules=["q", "v"]`` adapts exactly $W_q$ and $W_v$:
 
-========  =====================  ==============================
-name      shape of ``weight``    role
-========  =====================  ==============================
+========  ======================  ==============================
+name      shape of ``weight``     role
+========  ======================  ==============================
 ``q``     ``(d_model, d_model)``  query projection $W_q$
 ``k``     ``(d_model, d_model)``  key projection $W_k$
 ``v``     ``(d_model, d_model)``  value projection $W_v$
 ``o``     ``(d_model, d_model)``  output projection $W_o$
 ``fc1``   ``(d_ff, d_model)``     MLP up-projection
 ``fc2``   ``(d_model, d_ff)``     MLP down-projection
-========  =====================  ==============================
+========  ======================  ==============================
 
 (PyTorch stores a Linear's weight as ``(out_features, in_features)``, i.e. $W_0 \\in
 \\mathbb{R}^{d\\times k}$ with $d$ outputs and $k$ inputs, the paper's convention.)
