@@ -445,6 +445,6 @@ def show_lora_summary(model: nn.Module, title: str | None = "LoRA layers") -> An
 
     rows = lora_summary_rows(model)
     trainable, total = count_parameters(model)
-    rows.append(("whole model (total, trainable)", "", "", "", total, trainable))
-    return show_table(rows, ["module", "d×k", "r", "s", "W0 parameters (d·k)",
-                             "LoRA parameters (r(d+k))"], title=title)
+    rows.append(("whole model: all, trainable", "", "", "", total, trainable))
+    return show_table(rows, ["module", "d×k", "r", "s", "W0: d·k", "LoRA: r(d+k)"],
+                      title=title)
