@@ -1,0 +1,195 @@
+"""LoRA training step and merged inference: lora_edu against Hugging Face PEFT, side by side.
+
+Usage: python benchmarks/lora_layer.py [--repeats N] [--threads T]
+
+One run, one base model (the book's GPT, seeded), one config (``r``, α = 2r, ``q`` and ``v``):
+
+* **training step** (forward + backward + AdamW step on the LoRA parameters) of the model with
+  lora_edu's ``LoRALinear`` and of the same model with PEFT's ``lora.Linear`` (same A and B):
+  median seconds per step, timed round-robin; and the peak memory of one step
+  (``torch.cuda.max_memory_allocated`` on a GPU, PyTorch's ``MemTracker`` on the CPU).
+  Targets: ``step_time_ratio`` and ``peak_memory_ratio`` (lora_edu / PEFT) ≤ 1.00.
+* **merged inference**: a forward pass of the base model against the LoRA model after
+  ``merge_lora`` (wrappers kept) and after ``merge_and_unload`` (plain layers back).
+  Target: ``merged_inference_ratio`` (merged / base) ≤ 1.01.
+
+Writes ``benchmarks/results/lora_layer-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_edu.lora import LoraConfig, inject_lora, lora_layers, merge_and_unload, merge_lora
+from lora_edu.models import GPT, gpt_config
+from lora_edu.report import show_table
+from lora_edu.repro import get_device, seed_all
+from lora_edu.serving import interleaved_timings
+
+with warnings.catch_warnings():  # peft imports tqdm.auto, which warns without ipywidgets
+    warnings.simplefilter("ignore")
+    import peft
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {  # model preset, sequences per batch, tokens per sequence, LoRA rank
+    "cpu": {"preset": "cpu", "batch": 8, "block": 128, "r": 8},
+    "cuda": {"preset": "gpu", "batch": 32, "block": 256, "r": 16},
+}
+
+
+def build(device: torch.device, s: dict) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(base, lora_edu model, PEFT model): the same weights, the same non-zero A and B."""
+    seed_all(0)
+    base = GPT(gpt_config(s["preset"])).to(device)
+    ours = inject_lora(copy.deepcopy(base), LoraConfig(r=s["r"], lora_alpha=2 * s["r"],
+                                                       target_modules=["q", "v"]))
+    wrapped = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=s["r"], lora_alpha=2 * s["r"], target_modules=["q", "v"]))
+    theirs = wrapped.get_base_model()  # the GPT with PEFT's layers inside, without the wrapper
+    peft_modules = dict(theirs.named_modules())
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            layer.lora_B.normal_(std=0.02)  # a trained-looking B, so no gradient is trivially 0
+            peft_modules[name].lora_A["default"].weight.copy_(layer.lora_A)
+            peft_modules[name].lora_B["default"].weight.copy_(layer.lora_B)
+    return base, ours, theirs
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One AdamW step on the trainable parameters (created once, reused by every call)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # AdamW's state exists from here on, so every timed step is alike
+    step.optimizer = optimizer  # type: ignore[attr-defined]
+    return step
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def peak_bytes(step: Callable[[], None], model: nn.Module, *existing: object) -> int:
+    """Peak bytes alive during ``step()``, model, optimizer state and batch included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    for p in model.parameters():  # MemTracker cannot hook frozen parameters; skip them
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+    tracker.track_external(model, *existing)
+    with tracker:
+        step()
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+def median_ms(times: list[float]) -> float:
+    return round(1e3 * statistics.median(times), 4)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per candidate")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; 1 gives stable timings on a busy shared machine")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    device = get_device()
+    s = SETTINGS["cuda" if device.type == "cuda" else "cpu"]
+    base, ours, theirs = build(device, s)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (2, s["batch"], s["block"]), generator=gen).to(device)
+
+    steps = {"lora_edu": train_step(ours, x, y), "peft": train_step(theirs, x, y)}
+    train_times = interleaved_timings(steps, repeats=args.repeats)
+    # Peak memory last, on the models as they are: MemTracker's hooks would slow later steps.
+    peaks = {name: peak_bytes(fn, model, fn.optimizer, x, y)  # type: ignore[attr-defined]
+             for (name, fn), model in zip(steps.items(), (ours, theirs))}
+
+    base.eval(), ours.eval()
+    merged = merge_lora(copy.deepcopy(ours))
+    unloaded = merge_and_unload(copy.deepcopy(ours))
+    with torch.inference_mode():
+        # a forward pass is cheap, so take more rounds: the ratio's target is within 1 %
+        infer_times = interleaved_timings({"base": lambda: base(x), "merged": lambda: merged(x),
+                                           "merged_and_unloaded": lambda: unloaded(x)},
+                                          repeats=3 * args.repeats)
+        drift = (merged(x) - ours(x)).abs().max().item()
+
+    t = {k: median_ms(v) for k, v in {**train_times, **infer_times}.items()}
+    figures = {
+        "train_step_ms_lora_edu": t["lora_edu"], "train_step_ms_peft": t["peft"],
+        "step_time_ratio": round(t["lora_edu"] / t["peft"], 4),
+        "peak_bytes_lora_edu": peaks["lora_edu"], "peak_bytes_peft": peaks["peft"],
+        "peak_memory_ratio": round(peaks["lora_edu"] / peaks["peft"], 4),
+        "inference_ms_base": t["base"], "inference_ms_merged": t["merged"],
+        "inference_ms_merged_and_unloaded": t["merged_and_unloaded"],
+        "merged_inference_ratio": round(t["merged"] / t["base"], 4),
+        "merged_and_unloaded_inference_ratio": round(t["merged_and_unloaded"] / t["base"], 4),
+        "merged_max_abs_logit_drift": drift,
+        # contention only ever adds time, so the fastest round is a second, robust view
+        "step_time_ratio_of_minima": round(min(train_times["lora_edu"])
+                                           / min(train_times["peft"]), 4),
+        "merged_inference_ratio_of_minima": round(min(infer_times["merged"])
+                                                  / min(infer_times["base"]), 4),
+        "merged_and_unloaded_inference_ratio_of_minima": round(
+            min(infer_times["merged_and_unloaded"]) / min(infer_times["base"]), 4),
+    }
+    show_table([[k, v] for k, v in figures.items()], ["figure", "value"],
+               title=f"LoRA layer benchmark on {device} (median of {args.repeats} rounds)")
+    result = {
+        "benchmark": "lora_layer", "device": device.type,
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        # a shared machine's other work skews timings; interleaving spreads it evenly
+        "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "peft": peft.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "settings": {**s, "lora_alpha": 2 * s["r"], "target_modules": ["q", "v"],
+                     "repeats": args.repeats,
+                     "statistic": "median of interleaved rounds (3x as many for inference); "
+                                  "peak of one step",
+                     "noise_control": "merged_and_unloaded has exactly the base model's "
+                                      "architecture and shapes, so its ratio to the base "
+                                      "shows the timing noise of this run",
+                     "targets": {"step_time_ratio": "<= 1.00", "peak_memory_ratio": "<= 1.00",
+                                 "merged_inference_ratio": "<= 1.01"}},
+        "figures": figures,
+    }
+    out = ROOT / "benchmarks" / "results" / f"lora_layer-{device.type}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
