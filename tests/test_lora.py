@@ -163,6 +163,19 @@ def test_merge_roundtrip_half_precision(dtype: torch.dtype, u: float) -> None:
     torch.testing.assert_close(layer(x).float(), y.float(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_forward_and_merge(dtype: torch.dtype) -> None:
+    layer = LoRALinear(nn.Linear(64, 32).to("cuda", dtype), r=4, init_lora_weights=False)
+    assert layer.lora_A.device.type == "cuda"
+    x = torch.randn(8, 64, device="cuda", dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.device.type == "cuda"
+    layer.merge()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(layer(x).float(), y.float(), rtol=tol, atol=tol)
+
+
 def test_safe_merge_refuses_non_finite_and_leaves_weight() -> None:
     layer = LoRALinear(nn.Linear(4, 4), r=2, init_lora_weights=False)
     with torch.no_grad():

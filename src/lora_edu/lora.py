@@ -406,10 +406,11 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block ``model`` computes the base model's outputs.
+    """Within the block ``model`` computes the base model's outputs (s·B A switched off).
 
     Merged layers are unmerged on entry and merged again on exit (so W0 is restored up to
-    floating-point rounding).
+    floating-point rounding). Biases trained with ``bias="all"``/``"lora_only"`` stay as
+    trained: only with ``bias="none"`` is the result exactly the pretrained model.
     """
     layers = [layer for _, layer in lora_layers(model)]
     was_merged = [layer.merged for layer in layers]
