@@ -39,7 +39,8 @@ from lora_edu.progress import progress
 from lora_edu.repro import DEFAULT_SEED
 
 __all__ = ["TrainConfig", "MemoryReport", "History", "lr_factor", "lm_loss", "evaluate",
-           "optimizer_state_bytes", "autocast_dtype", "train", "PRETRAIN_RECIPES", "pretrain"]
+           "optimizer_state_bytes", "autocast_dtype", "train", "PRETRAIN_RECIPES", "pretrain",
+           "finetune"]
 
 
 @dataclass(frozen=True)
@@ -333,19 +334,11 @@ def train(model: nn.Module, train_tokens: torch.Tensor,
     for step in bar:
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
         t0 = time.perf_counter()
-        with _autocast(device, dtype):
-            loss = lm_loss(model, x, y)
-        scaler.scale(loss).backward()
-        grad_bytes = max(grad_bytes, count_bytes(p.grad for p in params))
-        scaler.unscale_(optimizer)
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # also waits for the GPU, so the step time is complete
+        loss_value, step_grad_bytes = _step(model, params, optimizer, scaler, x, y, dtype,
+                                            config.grad_clip)
         if step > 0:  # the first step pays for lazy set-up (AdamW's state, kernels)
             step_times.append(time.perf_counter() - t0)
+        grad_bytes = max(grad_bytes, step_grad_bytes)
         hist.train_steps.append(step + 1)
         hist.train_loss.append(loss_value)
         hist.lr.append(schedule.get_last_lr()[0])
@@ -361,6 +354,23 @@ def train(model: nn.Module, train_tokens: torch.Tensor,
         hist.tokens_per_s = config.batch_size * block / hist.step_time_s
     hist.memory = _memory_report(model, params, grad_bytes, optimizer, device, peak)
     return hist
+
+
+def _step(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+          scaler: torch.amp.GradScaler, x: torch.Tensor, y: torch.Tensor,
+          dtype: torch.dtype | None, grad_clip: float | None) -> tuple[float, int]:
+    """One optimizer step on the batch ``(x, y)``; returns the loss and the gradients' bytes."""
+    with _autocast(x.device, dtype):
+        loss = lm_loss(model, x, y)
+    scaler.scale(loss).backward()
+    grad_bytes = count_bytes(p.grad for p in params)  # measured while the gradients exist
+    scaler.unscale_(optimizer)  # clipping must see the true gradients, not scaled ones
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), grad_bytes  # .item() waits for the GPU: the step time is complete
 
 
 def _memory_report(model: nn.Module, params: list[nn.Parameter], grad_bytes: int,
@@ -412,3 +422,32 @@ def pretrain(preset: str, device: torch.device | str = "cpu",
     hist = train(model, source.train, {"source": source.val, "target": target.val},
                  config, device)
     return model, hist
+
+
+def finetune(base: nn.Module, train_tokens: torch.Tensor,
+             eval_tokens: Mapping[str, torch.Tensor] | None = None,
+             config: TrainConfig = TrainConfig(), lora: Any = None,
+             device: torch.device | str | None = None) -> tuple[nn.Module, History]:
+    """Adapt a copy of ``base``: full fine-tuning if ``lora`` is ``None``, else LoRA.
+
+    ``lora`` is a :class:`lora_edu.lora.LoraConfig`; ``inject_lora`` then freezes $W_0$ and
+    trains only $A$ (random) and $B$ (zero), so training starts exactly at the base model.
+    ``base`` itself is never modified, so one pretrained model serves every run of a sweep.
+    The seed ``config.seed`` fixes LoRA's random $A$ as well as the batches.
+
+    Returns:
+        ``(model, history)`` with the adapted copy.
+    """
+    from lora_edu.lora import LoraConfig, inject_lora
+    from lora_edu.repro import seed_all
+
+    if lora is not None and not isinstance(lora, LoraConfig):
+        raise TypeError(f"lora must be a LoraConfig or None (full fine-tuning), got "
+                        f"{type(lora).__name__}")
+    model = copy.deepcopy(base)
+    seed_all(config.seed)
+    if lora is None:
+        model.requires_grad_(True)
+    else:
+        inject_lora(model, lora)
+    return model, train(model, train_tokens, eval_tokens, config, device)
