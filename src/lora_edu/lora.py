@@ -36,7 +36,7 @@ __all__ = [
 BIAS_OPTIONS = ("none", "all", "lora_only")
 #: Accepted values of ``init_lora_weights``. A later chapter extends this (e.g. ``"pissa"``)
 #: by adding a value here and a branch in :meth:`LoRALinear.reset_lora_parameters`.
-INIT_OPTIONS: tuple[Any, ...] = (True, False, "gaussian")
+INIT_OPTIONS: tuple[Any, ...] = (True, False, "gaussian", "pissa")
 
 TargetModules = Union[Sequence[str], str]
 
@@ -115,11 +115,14 @@ class LoraConfig:
         use_rslora: rank-stabilised scaling s = α/√r (Kalajdzievski, 2023).
         init_lora_weights: ``True``: A Kaiming-uniform as in PEFT, B = 0; ``"gaussian"``:
             A ~ N(0, 1/r²) as in PEFT's reading of the paper, B = 0; ``False``: A and B both
-            random, so ΔW ≠ 0 from the start (for tests only).
+            random, so ΔW ≠ 0 from the start (for tests only); ``"pissa"``: A, B from the
+            top-r SVD of W0, which keeps the residual (:func:`lora_edu.variants.pissa_init_`).
         fan_in_fan_out: the target stores its weight as (k, d), as GPT-2's ``Conv1D`` does.
+        use_dora: weight-decomposed LoRA (Liu et al., 2024): targets become
+            :class:`lora_edu.variants.DoRALinear`, with a trainable magnitude per output.
 
     Validated on creation; a bad value raises ``ValueError``/``TypeError`` naming the field.
-    To extend (e.g. ``use_dora``), add a field and validate it in ``__post_init__``.
+    To extend, add a field and validate it in ``__post_init__``.
     """
 
     r: int = 8
@@ -130,6 +133,7 @@ class LoraConfig:
     use_rslora: bool = False
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check_rank(self.r)
@@ -138,7 +142,7 @@ class LoraConfig:
         _check_bias(self.bias)
         self.target_modules = _check_targets(self.target_modules)
         _check_init(self.init_lora_weights)
-        for flag in ("use_rslora", "fan_in_fan_out"):
+        for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -223,6 +227,10 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
         """(Re)initialise A and B; B = 0 unless ``init_lora_weights is False``."""
+        if init_lora_weights == "pissa":
+            from lora_edu.variants import pissa_init_  # local import: variants imports lora
+            pissa_init_(self)
+            return
         if init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)  # PEFT's choice; the paper gives no σ
         else:
@@ -323,6 +331,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             LoRALinear._check_base(module, config.fan_in_fan_out)
         except (TypeError, ValueError) as err:
             raise type(err)(f"target module {name!r}: {err}") from None
+        if config.init_lora_weights == "pissa":  # refuse before inject_lora changes anything
+            from lora_edu.variants import check_pissa_rank
+            check_pissa_rank(config.r, tuple(module.weight.shape), f"target module {name!r}")
     return names
 
 
@@ -341,10 +352,14 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = find_targets(model, config)
+    layer_cls = LoRALinear
+    if config.use_dora:
+        from lora_edu.variants import DoRALinear
+        layer_cls = DoRALinear
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(
+        setattr(parent, child, layer_cls(
             getattr(parent, child), config.r, config.lora_alpha, config.lora_dropout,
             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
             fan_in_fan_out=config.fan_in_fan_out))
@@ -354,13 +369,16 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze every parameter except ``lora_A``/``lora_B`` and the biases ``bias`` names."""
+    """Freeze every parameter except ``lora_A``/``lora_B`` (and DoRA's ``magnitude``) and the
+    biases ``bias`` names."""
     _check_bias(bias)
     lora_bias_names = {f"{n}.base.bias" for n, _ in lora_layers(model)}
+    magnitudes = {f"{n}.magnitude" for n, layer in lora_layers(model)
+                  if hasattr(layer, "magnitude")}
     for name, param in model.named_parameters():
         short = name.rsplit(".", 1)[-1]
         param.requires_grad_(
-            short in ("lora_A", "lora_B")
+            short in ("lora_A", "lora_B") or name in magnitudes
             or (bias == "all" and short == "bias")
             or (bias == "lora_only" and name in lora_bias_names))
 
