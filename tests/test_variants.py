@@ -204,3 +204,40 @@ def test_loraplus_bad_input(kwargs: dict, words: str) -> None:
 def test_loraplus_without_lora_layers_is_refused() -> None:
     with pytest.raises(ValueError, match="inject_lora"):
         loraplus_param_groups(tiny(), lr=1e-3)
+
+
+# --------------------------------------------------------------------------- LoraConfig wiring
+
+def test_config_use_dora_builds_dora_layers_with_trainable_magnitude() -> None:
+    from lora_edu.lora import LoraConfig, inject_lora
+
+    model = inject_lora(tiny(), LoraConfig(r=2, target_modules=["q", "v"], use_dora=True))
+    assert isinstance(model.q, DoRALinear) and isinstance(model.v, DoRALinear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{p}" for m in ("q", "v")
+                         for p in ("lora_A", "lora_B", "magnitude")}
+    torch.testing.assert_close(model(X), tiny()(X))
+
+
+def test_config_pissa_keeps_output_and_refuses_large_r_before_any_change() -> None:
+    from lora_edu.lora import LoraConfig, inject_lora
+
+    model = inject_lora(tiny(), LoraConfig(r=4, target_modules=["q", "v"],
+                                           init_lora_weights="pissa"))
+    torch.testing.assert_close(model(X), tiny()(X), atol=1e-5, rtol=1e-5)
+    untouched = tiny()
+    state = copy.deepcopy(untouched.state_dict())
+    with pytest.raises(ValueError, match=r"r <= min\(d, k\) = 10 for target module 'q'"):
+        inject_lora(untouched, LoraConfig(r=11, target_modules=["v", "q"],
+                                          init_lora_weights="pissa"))
+    assert isinstance(untouched.q, nn.Linear) and isinstance(untouched.v, nn.Linear)
+    assert all(torch.equal(v, state[k]) for k, v in untouched.state_dict().items())
+
+
+def test_config_rejects_bad_variant_values() -> None:
+    from lora_edu.lora import LoraConfig
+
+    with pytest.raises(TypeError, match="use_dora must be True or False"):
+        LoraConfig(use_dora="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="init_lora_weights must be one of"):
+        LoraConfig(init_lora_weights="svd")
