@@ -75,16 +75,16 @@ def _model_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], boo
     layers = dict(lora_layers(model))
     if not layers:
         return find_targets(model, config), False
+    checked = ("r", "lora_alpha", "use_rslora", "fan_in_fan_out")
     for name, layer in layers.items():
-        mine = (layer.r, float(layer.lora_alpha), layer.use_rslora, layer.fan_in_fan_out)
-        theirs = (config.r, float(config.lora_alpha), config.use_rslora, config.fan_in_fan_out)
-        if mine != theirs:
+        diff = [f for f in checked if float(getattr(layer, f)) != float(getattr(config, f))]
+        if diff:
+            theirs = ", ".join(f"{f}={getattr(config, f)}" for f in diff)
+            mine = ", ".join(f"{f}={getattr(layer, f)}" for f in diff)
             raise ValueError(
-                f"the adapter has r={config.r}, lora_alpha={config.lora_alpha}, "
-                f"use_rslora={config.use_rslora}, fan_in_fan_out={config.fan_in_fan_out} but LoRA "
-                f"layer {name!r} of the model has r={layer.r}, lora_alpha={layer.lora_alpha}, "
-                f"use_rslora={layer.use_rslora}, fan_in_fan_out={layer.fan_in_fan_out}; load it "
-                "into a model without LoRA (it is injected for you) or inject the same config")
+                f"the adapter has {theirs} but LoRA layer {name!r} of the model has {mine}; "
+                "load it into a model without LoRA (it is then injected with the adapter's "
+                "config) or inject LoRA with the same config first")
         if layer.merged:
             raise ValueError(f"LoRA layer {name!r} is merged; call unmerge_lora(model) before "
                              "loading new adapter weights (W would keep the old ΔW otherwise)")
