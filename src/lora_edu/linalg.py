@@ -33,6 +33,7 @@ __all__ = [
     "rank_for_energy",
     "Factorisation",
     "factorisation_loss",
+    "init_factors",
     "factorise",
     "dense_params",
     "lora_params",
@@ -261,11 +262,20 @@ def factorisation_loss(B: torch.Tensor, A: torch.Tensor, W: torch.Tensor) -> tor
     return 0.5 * (B @ A - W).square().sum()
 
 
-def _init_factors(d: int, k: int, r: int, init: str, scale: float, gen: torch.Generator,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA's start (B = 0, A random), a small random start for both, or both zero."""
+def init_factors(d: int, k: int, r: int, init: Literal["lora", "small", "zero"] = "lora",
+                 scale: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting factors ``B`` (d×r) and ``A`` (r×k) for :func:`factorise`.
+
+    ``"lora"``: ``B = 0`` and ``A ~ U(−s/√k, s/√k)`` (PEFT's ``kaiming_uniform_(a=√5)`` for
+    ``s = 1``), so ``BA = 0`` yet ``∇_B ≠ 0``. ``"small"``: both ``N(0, s²)``. ``"zero"``:
+    ``A = B = 0``, a stationary point. ``seed`` drives a private generator, so the global
+    random state is left alone.
+    """
+    d, k, r = (_check_positive_int(v, n) for v, n in ((d, "d"), (k, "k"), (r, "r")))
+    scale = _check_positive_float(scale, "scale", allow_zero=True)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     if init == "lora":
-        # PEFT's default for A: kaiming_uniform_(a=√5), i.e. U(−1/√k, 1/√k), times `scale`
         A = (torch.rand(r, k, generator=gen, dtype=dtype) * 2 - 1) * scale / math.sqrt(k)
         return torch.zeros(d, r, dtype=dtype), A
     if init == "small":
@@ -285,13 +295,10 @@ def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
         W: the target, d×k (real floating point; the factors get its dtype).
         r: the rank of the factorisation, ``1 ≤ r ≤ min(d, k)``.
         steps: number of optimiser steps.
-        lr: step size. Plain gradient descent is stable for ``lr`` below about ``1/σ_1(W)``
-            once the factors are balanced.
+        lr: step size. Plain gradient descent needs ``lr`` below about ``1/σ_1(W)``: near
+            a balanced optimum the largest curvature is about ``‖A‖₂² + ‖B‖₂² ≈ 2σ_1``.
         optimizer: ``"gd"`` (``torch.optim.SGD`` without momentum) or ``"adam"``.
-        init: ``"lora"`` (B = 0, A uniform as PEFT initialises it), ``"small"`` (both
-            Gaussian with std ``init_scale``) or ``"zero"`` (A = B = 0, a stationary point).
-        init_scale: multiplies the random initialisation.
-        seed: seeds a private generator, so the global random state is left alone.
+        init, init_scale, seed: passed to :func:`init_factors` (LoRA's start by default).
 
     Returns:
         A :class:`Factorisation` with ``B``, ``A`` (detached), the loss history
@@ -304,8 +311,7 @@ def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
     init_scale = _check_positive_float(init_scale, "init_scale", allow_zero=True)
     if optimizer not in ("gd", "adam"):
         raise ValueError(f"optimizer must be 'gd' or 'adam', got {optimizer!r}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    B0, A0 = _init_factors(W.shape[0], W.shape[1], r, init, init_scale, gen, W.dtype)
+    B0, A0 = init_factors(W.shape[0], W.shape[1], r, init, init_scale, seed, W.dtype)
     B = B0.to(W.device).requires_grad_()
     A = A0.to(W.device).requires_grad_()
     opt_cls = torch.optim.SGD if optimizer == "gd" else torch.optim.Adam
