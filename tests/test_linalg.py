@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from lora_edu.linalg import (
     as_matrix, default_tolerance, eckart_young_error, energy_curve, exact_rank, factorise,
-    dense_params, lora_paper_params, lora_params, low_rank_approx, numerical_rank,
-    rank_for_energy, singular_values, truncated_svd,
+    dense_params, init_factors, lora_paper_params, lora_params, low_rank_approx,
+    numerical_rank, rank_for_energy, singular_values, truncated_svd,
 )
 
 FAST = settings(max_examples=25, deadline=None)
@@ -174,6 +174,23 @@ def test_zero_initialisation_never_moves_but_lora_initialisation_learns():
     lora = factorise(W, 2, steps=300, lr=0.05, init="lora")
     assert lora.losses[0] == pytest.approx(0.5 * float(W.square().sum()))  # BA = 0 at start
     assert lora.losses[-1] < 0.5 * lora.losses[0]
+
+
+def test_init_factors_follow_lora_convention():
+    B, A = init_factors(7, 5, 3, "lora", seed=4, dtype=torch.float64)
+    assert B.shape == (7, 3) and A.shape == (3, 5) and A.dtype == torch.float64
+    assert not B.any() and A.abs().max() <= 1 / 5 ** 0.5 and A.abs().min() > 0
+    B, A = init_factors(7, 5, 3, "small", scale=1e-3, seed=4)
+    assert 0 < float(B.abs().max()) < 1e-2 and 0 < float(A.abs().max()) < 1e-2
+    with pytest.raises(ValueError, match="init must be"):
+        init_factors(7, 5, 3, "kaiming")  # type: ignore[arg-type]
+
+
+def test_factorise_leaves_w_untouched():
+    W = gaussian(6, 5, 0)
+    before = W.clone()
+    factorise(W, 2, steps=20)
+    assert torch.equal(W, before) and not W.requires_grad
 
 
 def test_factorise_is_seeded_and_leaves_global_rng_alone():
