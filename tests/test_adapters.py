@@ -64,10 +64,12 @@ def load_file(path: str) -> dict[str, torch.Tensor]:
 X = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+@pytest.mark.parametrize("bias, dora", [("none", False), ("lora_only", False), ("all", False),
+                                        ("none", True)])
 @pytest.mark.parametrize("fmt", ["lora_edu", "peft"])
-def test_round_trip_into_a_bare_model(tmp_path: Path, bias: str, fmt: str) -> None:
-    model = trained(LoraConfig(r=3, lora_alpha=6, bias=bias, target_modules=["q", "v"]))
+def test_round_trip_into_a_bare_model(tmp_path: Path, bias: str, dora: bool, fmt: str) -> None:
+    model = trained(LoraConfig(r=3, lora_alpha=6, bias=bias, target_modules=["q", "v"],
+                               use_dora=dora))
     save, load = (save_adapter, load_adapter) if fmt == "lora_edu" else (save_peft_adapter,
                                                                          load_peft_adapter)
     save(model, tmp_path)
@@ -209,7 +211,8 @@ def test_save_without_lora() -> None:
         save_adapter(base_model(), "/tmp/unused")
 
 
-@pytest.mark.parametrize("field, value", [("use_dora", True), ("rank_pattern", {"q": 4}),
+@pytest.mark.parametrize("field, value", [("lora_bias", True), ("rank_pattern", {"q": 4}),
+                                          ("init_lora_weights", "olora"),
                                           ("modules_to_save", ["norm"]), ("peft_type", "IA3")])
 def test_peft_options_we_do_not_implement(tmp_path: Path, field: str, value: object) -> None:
     save_peft_adapter(trained(LoraConfig(r=2)), tmp_path)
@@ -218,6 +221,6 @@ def test_peft_options_we_do_not_implement(tmp_path: Path, field: str, value: obj
     (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps(cfg))
     model = base_model()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=field if field != "peft_type" else "peft_type"):
+    with pytest.raises(ValueError, match=field):
         load_peft_adapter(model, tmp_path)
     assert_unchanged(model, snap)

@@ -366,6 +366,15 @@ def test_config_validation(kwargs: dict, exc: type, words: str) -> None:
         LoraConfig(**kwargs)
 
 
+def test_config_edited_after_creation_is_checked_by_inject() -> None:
+    config = LoraConfig(r=2)
+    config.bias = "most"
+    model = tiny_model()
+    with pytest.raises(ValueError, match="bias"):
+        inject_lora(model, config)
+    assert not list(lora_layers(model))
+
+
 def test_layer_validation() -> None:
     with pytest.raises(ValueError, match="r "):
         LoRALinear(nn.Linear(3, 3), r=0)

@@ -146,3 +146,41 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:
     torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
     merge_lora(ours)
     torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["ours_to_peft", "peft_to_ours"])
+def test_dora_adapters_cross_over(tmp_path: Path, direction: str) -> None:
+    """DoRA's magnitude travels as PEFT's ``lora_magnitude_vector``; outputs must agree."""
+    if direction == "ours_to_peft":
+        src = inject_lora(base_model(), LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                   init_lora_weights=False))
+    else:
+        src = peft.get_peft_model(base_model(), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q", "v"], use_dora=True,
+            init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if p.requires_grad and "magnitude" in name:
+                p.mul_(1.1)  # a trained magnitude: no longer the row norms
+    if direction == "ours_to_peft":
+        save_peft_adapter(src, tmp_path)
+        dst = peft.PeftModel.from_pretrained(base_model(), str(tmp_path))
+    else:
+        src.save_pretrained(str(tmp_path))
+        dst = load_peft_adapter(base_model(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(X), src(X), rtol=1e-5, atol=1e-5)
+
+
+def test_pissa_adapter_from_peft_is_reinitialised_on_the_base(tmp_path: Path) -> None:
+    """PiSSA rewrites W0 as W0 − s·B0 A0; loading must redo that before the trained A, B."""
+    theirs = peft.get_peft_model(base_model(), peft.LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q", "v"], init_lora_weights="pissa"))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    theirs.save_pretrained(str(tmp_path))
+    ours = load_peft_adapter(base_model(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), theirs(X), rtol=1e-4, atol=1e-5)

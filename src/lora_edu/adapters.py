@@ -28,7 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_edu.lora import LoraConfig, LoRALinear, find_targets, inject_lora, lora_layers
+from lora_edu.lora import (INIT_OPTIONS, LoraConfig, LoRALinear, find_targets, inject_lora,
+                           lora_layers)
 
 __all__ = ["save_adapter", "load_adapter", "save_peft_adapter", "load_peft_adapter",
            "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME"]
@@ -59,6 +60,8 @@ def _adapter_names(model: nn.Module, config: LoraConfig, targets: list[str]) -> 
         d, k = base.weight.shape[::-1] if config.fan_in_fan_out else base.weight.shape
         expected[f"{name}.lora_A"] = (config.r, k)
         expected[f"{name}.lora_B"] = (d, config.r)
+        if config.use_dora:  # DoRA's trained magnitude, one per output
+            expected[f"{name}.magnitude"] = (d,)
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             expected[f"{name}.base.bias"] = tuple(base.bias.shape)
     if config.bias == "all":
@@ -70,17 +73,25 @@ def _adapter_names(model: nn.Module, config: LoraConfig, targets: list[str]) -> 
     return expected
 
 
+def _settings(source: LoraConfig | LoRALinear) -> dict[str, Any]:
+    """The fields that decide what an adapter's tensors mean, from a config or a layer."""
+    return {"r": source.r, "lora_alpha": float(source.lora_alpha),
+            "use_rslora": source.use_rslora, "fan_in_fan_out": source.fan_in_fan_out,
+            "use_dora": getattr(source, "use_dora", hasattr(source, "magnitude"))}
+
+
 def _model_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], bool]:
     """(targets, already_injected); refuses a model whose LoRA layers differ from ``config``."""
     layers = dict(lora_layers(model))
     if not layers:
         return find_targets(model, config), False
-    checked = ("r", "lora_alpha", "use_rslora", "fan_in_fan_out")
+    wanted = _settings(config)
     for name, layer in layers.items():
-        diff = [f for f in checked if float(getattr(layer, f)) != float(getattr(config, f))]
+        has = _settings(layer)
+        diff = [f for f in wanted if has[f] != wanted[f]]
         if diff:
-            theirs = ", ".join(f"{f}={getattr(config, f)}" for f in diff)
-            mine = ", ".join(f"{f}={getattr(layer, f)}" for f in diff)
+            theirs = ", ".join(f"{f}={wanted[f]}" for f in diff)
+            mine = ", ".join(f"{f}={has[f]}" for f in diff)
             raise ValueError(
                 f"the adapter has {theirs} but LoRA layer {name!r} of the model has {mine}; "
                 "load it into a model without LoRA (it is then injected with the adapter's "
@@ -213,6 +224,8 @@ def _to_peft_key(key: str) -> str:
     owner, _, short = key.rpartition(".")
     if short in ("lora_A", "lora_B"):
         return f"{_PEFT_PREFIX}{key}.weight"
+    if short == "magnitude":
+        return f"{_PEFT_PREFIX}{owner}.lora_magnitude_vector"
     if owner.endswith(".base") or owner == "base":
         owner = owner[: -len("base")] + "base_layer"
     return f"{_PEFT_PREFIX}{owner}.{short}"
@@ -223,6 +236,8 @@ def _from_peft_key(key: str) -> str:
     if not key.startswith(_PEFT_PREFIX):
         return key
     name = key[len(_PEFT_PREFIX):]
+    if name.endswith(".lora_magnitude_vector"):
+        return name[: -len("lora_magnitude_vector")] + "magnitude"
     for ab in ("lora_A", "lora_B"):
         if name.endswith(f".{ab}.weight"):
             return name[: -len(".weight")]
@@ -248,17 +263,37 @@ def _peft_config(config: LoraConfig) -> dict[str, Any]:
         "lora_dropout": config.lora_dropout, "bias": config.bias,
         "target_modules": config.target_modules, "use_rslora": config.use_rslora,
         "fan_in_fan_out": config.fan_in_fan_out, "init_lora_weights": config.init_lora_weights,
-        "use_dora": False, "lora_bias": False, "modules_to_save": None,
+        "use_dora": config.use_dora, "lora_bias": False, "modules_to_save": None,
     }
 
 
 # PEFT options that change the computation in ways lora_edu does not implement: refuse them.
-_PEFT_UNSUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None),
+_PEFT_UNSUPPORTED = {"lora_bias": (False, None),
                      "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                      "modules_to_save": (None, []), "layers_to_transform": (None,),
                      "exclude_modules": (None, []), "target_parameters": (None, []),
                      "layer_replication": (None,), "trainable_token_indices": (None,),
                      "use_qalora": (False, None), "use_bdlora": (None, False)}
+
+
+# PEFT initialisations that leave W0 alone: the loaded A and B replace whatever they drew.
+_PEFT_INITS_WITHOUT_BASE_CHANGE = (True, False, "gaussian", "orthogonal")
+
+
+def _peft_init(init: Any, source: Path) -> Any:
+    """The ``init_lora_weights`` to inject with when loading.
+
+    Initialisations that rewrite W0 (PiSSA keeps W0 − B0 A0 as the frozen weight) must be
+    redone on the fresh base before the trained A and B make sense, so ``"pissa"`` is kept;
+    ones lora_edu cannot redo (OLoRA, LoftQ, EVA, CorDA, fast-SVD PiSSA) are refused.
+    """
+    if init in _PEFT_INITS_WITHOUT_BASE_CHANGE:
+        return init if init in (True, False, "gaussian") else True
+    if init == "pissa" and "pissa" in INIT_OPTIONS:
+        return init
+    raise ValueError(f"{source}: init_lora_weights={init!r} changes the base weights in a way "
+                     "lora_edu cannot reproduce; convert the adapter to plain LoRA in PEFT "
+                     "first (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
 
 
 def load_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
@@ -272,15 +307,15 @@ def load_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     if bad:
         raise ValueError(f"{src / PEFT_CONFIG_NAME} uses PEFT options lora_edu does not "
                          f"implement: {bad}; save the adapter without them")
-    init = data.get("init_lora_weights", True)
     config = _config_from_dict({
         "r": data.get("r"), "lora_alpha": data.get("lora_alpha"),
         "lora_dropout": data.get("lora_dropout", 0.0), "bias": data.get("bias", "none"),
         "target_modules": data.get("target_modules"),
         "use_rslora": bool(data.get("use_rslora", False)),
         "fan_in_fan_out": bool(data.get("fan_in_fan_out", False)),
-        # the initialisation does not matter when weights are loaded; keep it if we know it
-        "init_lora_weights": init if init in (True, False, "gaussian") else True,
+        "use_dora": bool(data.get("use_dora", False)),
+        "init_lora_weights": _peft_init(data.get("init_lora_weights", True),
+                                        src / PEFT_CONFIG_NAME),
     }, src / PEFT_CONFIG_NAME)
     raw = _read_safetensors(src / PEFT_WEIGHTS_NAME)
     tensors = {_from_peft_key(k): v for k, v in raw.items()}

@@ -136,6 +136,10 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field (also after edits)."""
         _check_rank(self.r)
         _check_alpha(self.lora_alpha)
         self.lora_dropout = _check_dropout(self.lora_dropout)
@@ -351,6 +355,7 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         raise TypeError(f"config must be a lora_edu.lora.LoraConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config.validate()  # a dataclass's fields can have been edited since it was created
     names = find_targets(model, config)
     layer_cls = LoRALinear
     if config.use_dora:
