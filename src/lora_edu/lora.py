@@ -122,7 +122,7 @@ class LoraConfig:
             :class:`lora_edu.variants.DoRALinear`, with a trainable magnitude per output.
 
     Validated on creation; a bad value raises ``ValueError``/``TypeError`` naming the field.
-    To extend, add a field and validate it in ``__post_init__``.
+    To extend, add a field and check it in :meth:`validate`.
     """
 
     r: int = 8
