@@ -23,7 +23,8 @@ work at inference; :func:`add_bottleneck_adapters` puts them into the small GPT.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MultiLoRALinear", "AdapterIds", "set_adapter_ids", "inject_multi_lora",
-           "BottleneckAdapter", "add_bottleneck_adapters", "AdapterSwitcher"]
+           "BottleneckAdapter", "add_bottleneck_adapters", "AdapterSwitcher",
+           "interleaved_timings", "random_adapters", "multi_lora_gpt"]
 
 #: How a batch names its adapters: one name (or index) per request.
 AdapterIds = Union[Sequence[str], Sequence[int], torch.Tensor]
@@ -71,8 +73,8 @@ class MultiLoRALinear(nn.Module):
         stack_A = base.weight.new_zeros(n, r_max, k, dtype=dtype)
         stack_B = base.weight.new_zeros(n, d, r_max, dtype=dtype)
         for i, (A, B, _) in enumerate(adapters.values()):
-            stack_A[i, :A.shape[0]] = A.detach()
-            stack_B[i, :, :B.shape[1]] = B.detach()
+            stack_A[i, :A.shape[0]] = A.detach().to(stack_A)
+            stack_B[i, :, :B.shape[1]] = B.detach().to(stack_B)
         self.base = base.requires_grad_(False)
         self.lora_A = nn.Parameter(stack_A, requires_grad=False)
         self.lora_B = nn.Parameter(stack_B, requires_grad=False)
@@ -277,3 +279,61 @@ class AdapterSwitcher:
         target = self.master if name is None else self.master + self.deltas[name]
         self.layer.weight.copy_(target.to(self.layer.weight.dtype))
         self.active = name
+
+
+# --------------------------------------------------------------------------- measuring
+
+def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int = 10,
+                        warmup: int = 2, clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin so that machine noise (other
+    processes, clock changes) hits every candidate alike rather than whichever ran last.
+
+    Each round calls every function once, in a rotated order; on CUDA each call is
+    synchronised. ``clock="wall"`` measures elapsed time (``time.perf_counter``).
+    ``clock="thread"`` measures the CPU time of the calling thread (``time.thread_time``)
+    with PyTorch limited to one thread for the duration: on a CPU shared with other
+    processes this counts the work of the computation itself and not the time spent waiting
+    for a core. Returns name → ``repeats`` timings (the ``warmup`` rounds are dropped).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    now = time.perf_counter if clock == "wall" else time.thread_time
+    threads = torch.get_num_threads()
+    if clock == "thread":
+        torch.set_num_threads(1)  # other threads' work would not show in this thread's clock
+    try:
+        for rnd in range(warmup + repeats):
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                sync()
+                t0 = now()
+                fns[name]()
+                sync()
+                if rnd >= warmup:
+                    times[name].append(now() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return times
+
+
+def random_adapters(d: int, k: int, n: int, r: int, generator: torch.Generator,
+                    scaling: float = 2.0) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``n`` random adapters ``task0 …`` for a d×k layer (A ~ N(0, 1/k), B ~ N(0, 0.01²))."""
+    return {f"task{i}": (torch.randn(r, k, generator=generator) / k ** 0.5,
+                         0.01 * torch.randn(d, r, generator=generator), scaling)
+            for i in range(n)}
+
+
+def multi_lora_gpt(model: nn.Module, n_adapters: int, r: int = 8,
+                   targets: Sequence[str] = ("q", "v"), seed: int = 0) -> nn.Module:
+    """Put ``n_adapters`` random LoRA adapters on the named Linears of ``model``, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = {name: random_adapters(m.out_features, m.in_features, n_adapters, r, gen)
+              for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.rpartition(".")[2] in targets}
+    inject_multi_lora(model, chosen)
+    return model.to(next(model.parameters()).device)
