@@ -151,3 +151,21 @@ def test_merge_unmerge_drifts_but_switcher_does_not(dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match="unknown adapter 'c'"):
         switcher.switch("c")
     assert torch.equal(layer.weight, w0)
+
+
+def test_interleaved_timings_counts_rounds_and_restores_threads() -> None:
+    from lora_edu.serving import interleaved_timings
+
+    calls = {"a": 0, "b": 0}
+
+    def bump(name: str):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    threads = torch.get_num_threads()
+    times = interleaved_timings({"a": bump("a"), "b": bump("b")}, repeats=4, warmup=1,
+                                clock="thread")
+    assert calls == {"a": 5, "b": 5} and all(len(t) == 4 for t in times.values())
+    assert all(v >= 0 for t in times.values() for v in t)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="clock must be"):
+        interleaved_timings({"a": bump("a")}, clock="cpu")
