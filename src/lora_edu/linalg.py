@@ -86,7 +86,8 @@ def _check_rank(r: int, W: torch.Tensor, name: str = "r") -> int:
     limit = min(W.shape)
     if not 1 <= int(r) <= limit:
         raise ValueError(f"{name} must satisfy 1 <= {name} <= min(d, k) = {limit} for a "
-                         f"{W.shape[0]}×{W.shape[1]} matrix, got {name}={r}")
+                         f"{W.shape[0]}×{W.shape[1]} matrix, got {name}={r}; a rank-{name} "
+                         f"factorisation has no room for more, so pick {name} in that range")
     return int(r)
 
 
@@ -346,7 +347,7 @@ def lora_params(d: int, k: int, r: int) -> int:
 
 
 def lora_paper_params(n_matrices: int, d_model: int, r: int) -> int:
-    """The LoRA paper's count ``|Θ| = 2 · L̂ · d_model · r`` (Hu et al., 2022, Section 4.2).
+    """The LoRA paper's count ``|Θ| = 2 · L̂ · d_model · r`` (Hu et al., 2022, Section 5.1).
 
     ``L̂`` (``n_matrices``) is the number of adapted weight matrices, each ``d_model×d_model``,
     so each contributes ``r(d_model + d_model) = 2·d_model·r`` entries.
