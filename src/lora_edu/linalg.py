@@ -217,9 +217,11 @@ def eckart_young_error(W: MatrixLike, r: int, norm: Norm = "fro") -> float:
 def energy_curve(W: MatrixLike) -> torch.Tensor:
     """The fraction of ``‖W‖_F² = Σ σ_i²`` kept by the best rank-r approximation, r = 1…min(d,k).
 
-    Entry ``r−1`` is ``Σ_{i≤r} σ_i² / Σ_i σ_i²`` (shape ``(min(d, k),)``, ends at 1).
+    Entry ``r−1`` is ``Σ_{i≤r} σ_i² / Σ_i σ_i²`` (a float64 CPU tensor of shape
+    ``(min(d, k),)``, ending at 1).
     """
-    s2 = singular_values(W).double().square()
+    # a short vector: summed on the CPU, where cumsum is deterministic and exact in float64
+    s2 = singular_values(W).cpu().double().square()
     total = s2.sum()
     if total == 0:
         raise ValueError("W is the zero matrix: its energy is 0, so no fraction is defined")
