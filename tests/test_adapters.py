@@ -1,4 +1,4 @@
-"""Tests of lora_edu.adapters: round trips in both layouts and refusals that leave the model intact."""
+"""Tests of lora_edu.adapters: round trips in both layouts; refusals leave the model as it was."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_files_are_safetensors_and_json(tmp_path: Path) -> None:
     model = trained(LoraConfig(r=2, target_modules=["q"]))
     save_adapter(model, tmp_path / "own")
     save_peft_adapter(model, tmp_path / "peft")
-    assert sorted(p.name for p in (tmp_path / "own").iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME])
+    names = sorted(p.name for p in (tmp_path / "own").iterdir())
+    assert names == sorted([WEIGHTS_NAME, CONFIG_NAME])
     own = load_file(str(tmp_path / "own" / WEIGHTS_NAME))
     assert set(own) == {"0.q.lora_A", "0.q.lora_B", "1.q.lora_A", "1.q.lora_B"}
     peft_keys = set(load_file(str(tmp_path / "peft" / PEFT_WEIGHTS_NAME)))
@@ -152,7 +153,8 @@ def test_missing_and_extra_keys(saved: Path) -> None:
     save_file(tensors, str(saved / WEIGHTS_NAME))
     model = base_model()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"missing keys \['1\.v\.lora_B'\].*unexpected keys \['2\.q"):
+    expected = r"missing keys \['1\.v\.lora_B'\].*unexpected keys \['2\.q"
+    with pytest.raises(ValueError, match=expected):
         load_adapter(model, saved)
     assert_unchanged(model, snap)
 

@@ -71,8 +71,9 @@ def test_gradients_match() -> None:
     theirs(X).square().mean().backward()
     peft_modules = dict(theirs.base_model.model.named_modules())
     for name, layer in lora_layers(ours):
-        torch.testing.assert_close(layer.lora_A.grad, peft_modules[name].lora_A["default"].weight.grad)
-        torch.testing.assert_close(layer.lora_B.grad, peft_modules[name].lora_B["default"].weight.grad)
+        theirs_layer = peft_modules[name]
+        torch.testing.assert_close(layer.lora_A.grad, theirs_layer.lora_A["default"].weight.grad)
+        torch.testing.assert_close(layer.lora_B.grad, theirs_layer.lora_B["default"].weight.grad)
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
         {n.replace("base_model.model.", "").replace(".default.weight", "")
          for n, p in theirs.named_parameters() if p.requires_grad}

@@ -220,7 +220,8 @@ def _config_from_dict(data: dict[str, Any], source: Path) -> LoraConfig:
 # --------------------------------------------------------------------------- PEFT format
 
 def _to_peft_key(key: str) -> str:
-    """``0.q.lora_A`` → ``base_model.model.0.q.lora_A.weight``; ``0.q.base.bias`` → ``…base_layer.bias``."""
+    """Our name → PEFT's: ``0.q.lora_A`` → ``base_model.model.0.q.lora_A.weight``,
+    ``0.q.base.bias`` → ``base_model.model.0.q.base_layer.bias``."""
     owner, _, short = key.rpartition(".")
     if short in ("lora_A", "lora_B"):
         return f"{_PEFT_PREFIX}{key}.weight"
@@ -232,7 +233,8 @@ def _to_peft_key(key: str) -> str:
 
 
 def _from_peft_key(key: str) -> str:
-    """The inverse of :func:`_to_peft_key`; keys it cannot map come back unchanged (→ "unexpected")."""
+    """The inverse of :func:`_to_peft_key`; a key it cannot map comes back as it is, so that
+    the key check reports it as unexpected."""
     if not key.startswith(_PEFT_PREFIX):
         return key
     name = key[len(_PEFT_PREFIX):]
@@ -245,7 +247,10 @@ def _from_peft_key(key: str) -> str:
 
 
 def save_peft_adapter(model: nn.Module, directory: PathLike) -> Path:
-    """Write ``model``'s adapter in PEFT's layout; ``PeftModel.from_pretrained(base, dir)`` loads it."""
+    """Write ``model``'s adapter in PEFT's layout; returns the directory.
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads it onto the base model.
+    """
     config = _saved_config(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

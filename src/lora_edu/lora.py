@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "LoraConfig", "LoRALinear", "inject_lora", "mark_only_lora_as_trainable", "merge_lora",
-    "unmerge_lora", "merge_and_unload", "disable_adapters", "count_parameters", "lora_layers", "find_targets",
+    "unmerge_lora", "merge_and_unload", "disable_adapters", "count_parameters", "lora_layers",
+    "find_targets",
     "lora_summary_rows", "show_lora_summary",
 ]
 
@@ -89,7 +88,8 @@ def _check_targets(target_modules: Any) -> list[str] | str:
             re.compile(target_modules)
         except re.error as err:
             raise ValueError(f"target_modules is a string, so it is read as a regular "
-                             f"expression, but {target_modules!r} does not compile: {err}") from None
+                             f"expression, but {target_modules!r} does not compile: {err}"
+                             ) from None
         return target_modules
     if (not isinstance(target_modules, Sequence) or not target_modules
             or not all(isinstance(t, str) and t for t in target_modules)):
@@ -188,6 +188,7 @@ class LoRALinear(nn.Module):
         lora_B: ``nn.Parameter`` of shape (d, r), zero at initialisation so that h = W0 x + b.
         scaling: s.
         merged: whether s·B A is currently added into ``base.weight``.
+        disabled: set by :func:`disable_adapters`; the layer then computes W0 x + b only.
 
     With fp16/bf16 base weights, A and B are kept in float32 (as PEFT does by default): the
     LoRA branch runs in float32 and is cast back, and merging computes ΔW in float32.
@@ -210,8 +211,9 @@ class LoRALinear(nn.Module):
         self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         # Half-precision adapters lose small updates to rounding; keep them in fp32 like PEFT.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=weight.device, dtype=dtype))
+        factory = {"device": weight.device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
