@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load, save_file
 from torch import nn
 
 from lora_edu.adapters import (CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME,
-                               load_adapter, load_peft_adapter, save_adapter, save_peft_adapter)
+                               _from_peft_key, _to_peft_key, load_adapter, load_peft_adapter,
+                               save_adapter, save_peft_adapter)
 from lora_edu.lora import LoraConfig, inject_lora, lora_layers, merge_lora
 from lora_edu.repro import seed_all
 
@@ -226,3 +229,18 @@ def test_peft_options_we_do_not_implement(tmp_path: Path, field: str, value: obj
     with pytest.raises(ValueError, match=field):
         load_peft_adapter(model, tmp_path)
     assert_unchanged(model, snap)
+
+
+_segment = st.from_regex(r"[a-z_][a-z0-9_]{0,6}|[0-9]{1,2}", fullmatch=True).filter(
+    lambda s: s not in ("base", "base_layer", "lora_A", "lora_B", "magnitude", "bias"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(path=st.lists(_segment, min_size=1, max_size=4),
+       leaf=st.sampled_from(["lora_A", "lora_B", "magnitude", "base.bias", "bias"]))
+def test_property_peft_key_mapping_round_trips(path: list[str], leaf: str) -> None:
+    key = ".".join([*path, leaf])
+    peft_key = _to_peft_key(key)
+    assert peft_key.startswith("base_model.model.")
+    assert ".base." not in peft_key
+    assert _from_peft_key(peft_key) == key
