@@ -39,8 +39,9 @@ X = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(5))
 
 
 def pair(r: int = 4, alpha: float = 8, rslora: bool = False, dropout: float = 0.0,
-         targets: list[str] | str = ["q", "v"]) -> tuple[nn.Module, nn.Module]:
+         targets: list[str] | str | None = None) -> tuple[nn.Module, nn.Module]:
     """(lora_edu model, PEFT model) on the same base, with the same random non-zero A and B."""
+    targets = ["q", "v"] if targets is None else targets
     ours = inject_lora(base_model(), LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora,
                                                 lora_dropout=dropout, target_modules=targets))
     theirs = peft.get_peft_model(base_model(), peft.LoraConfig(
