@@ -16,7 +16,9 @@ matrix multiplications and ``12·L·T·d`` the attention scores and mixing:
 
 * full fine-tuning: ``6·N + 12·L·T·d`` (forward ``2N``, backward ``4N``);
 * LoRA: ``4·N + 6·N_lora + 12·L·T·d``: frozen weights need no weight gradient, so their
-  backward costs ``2N`` instead of ``4N``.
+  backward costs ``2N`` instead of ``4N``. (A slight overcount: layers below the first
+  adapter need no backward at all. ``tests/test_train.py`` checks both formulas against
+  PyTorch's ``FlopCounterMode``.)
 """
 
 from __future__ import annotations
@@ -107,8 +109,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s, for a GPU the table does not know")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     batch = args.batch_size or (32 if args.preset == "gpu" else 16)
     cfg = TrainConfig(steps=args.steps, batch_size=batch, warmup_steps=1,
