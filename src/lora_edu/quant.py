@@ -42,8 +42,9 @@ __all__ = [
 ]
 
 #: The probability of the outermost NF4 quantile, as in bitsandbytes' ``create_normal_map``.
-#: It equals 1 − ½(1/30 + 1/32) to the seven digits given: the mean of the centres of the
-#: last of 15 and of 16 equal-probability bins (15 and 16 being the two halves' bin counts).
+#: Φ⁻¹(1) is infinite, so the quantiles must stop short of 1. To the seven digits given this
+#: equals 1 − ½(1/30 + 1/32), the mean of the centres of the last of 15 and of 16
+#: equal-probability bins.
 NF4_OFFSET = 0.9677083
 
 #: The 8-bit float used for the second quantisation (E4M3; its largest finite value is 448).
