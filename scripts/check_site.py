@@ -102,6 +102,8 @@ _BROWSER_CHECK = r"""
   }
   const broken = [...document.images].filter(img => !img.complete || img.naturalWidth === 0);
   for (const img of broken) problems.push(`image did not load: ${img.getAttribute("src")}`);
+  const markup = main.querySelectorAll(".problematic, .system-message");
+  if (markup.length) problems.push(`${markup.length} reStructuredText/MyST error marker(s)`);
   const stderr = main.querySelectorAll(".output.stderr, .stderr");
   if (stderr.length) problems.push(`${stderr.length} output(s) on stderr (warning box)`);
   const outputs = [...main.querySelectorAll(".cell_output")].map(el => el.innerText).join("\n");

@@ -52,13 +52,14 @@ def test_browser_check_catches_raw_math_warnings_escape_codes_and_broken_images(
     _page(tmp_path, "bad.html",
           r'<p>raw \(x^2\) math</p><img src="nothing.png">'
           '<div class="cell_output"><div class="output stderr"><pre>UserWarning: x</pre></div>'
-          '<pre>\x1b[31mred\x1b[0m</pre></div>')
+          '<pre>\x1b[31mred\x1b[0m</pre></div><a class="problematic" href="#x">`</a>')
     problems = check_site.browser_problems(tmp_path, shots=None)
     text = "\n".join(problems)
     assert "raw math delimiter \\(" in text
     assert "image did not load: nothing.png" in text
     assert "output(s) on stderr" in text
     assert "raw escape codes" in text
+    assert "error marker" in text
 
 
 def test_built_site_has_no_broken_local_links_or_images():

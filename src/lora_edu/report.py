@@ -51,8 +51,10 @@ def make_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], title: str
 
 
 def show_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], title: str | None = None,
-               numeric_format: str = "{:,.4g}") -> Table:
-    """Print a table: HTML in a notebook or on the book's pages, text in a terminal."""
-    table = make_table(rows, columns, title=title, numeric_format=numeric_format)
-    Console().print(table)
-    return table
+               numeric_format: str = "{:,.4g}") -> None:
+    """Print a table: HTML in a notebook or on the book's pages, text in a terminal.
+
+    Returns nothing, so that a call ending a notebook cell does not display the table twice;
+    use :func:`make_table` to keep the table object.
+    """
+    Console().print(make_table(rows, columns, title=title, numeric_format=numeric_format))
