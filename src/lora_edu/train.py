@@ -61,6 +61,8 @@ class TrainConfig:
         amp: mixed precision on CUDA (ignored on the CPU, where training is fp32).
         measure_memory: measure the peak memory of one step (on the CPU it costs one slower step).
         desc: label of the progress bar.
+        show_progress: show a progress bar (off for the many short runs of a sweep, which
+            get one bar for the whole sweep instead).
     """
 
     steps: int = 200
@@ -76,6 +78,7 @@ class TrainConfig:
     amp: bool = True
     measure_memory: bool = True
     desc: str = "train"
+    show_progress: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_windows"):
@@ -330,8 +333,9 @@ def train(model: nn.Module, train_tokens: torch.Tensor,
     start = time.perf_counter()
     run_evals(0)
     model.train()
-    bar = progress(range(config.steps), desc=config.desc, unit="step")
-    for step in bar:
+    bar = progress(range(config.steps), desc=config.desc, unit="step") \
+        if config.show_progress else None
+    for step in bar if bar is not None else range(config.steps):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
         t0 = time.perf_counter()
         loss_value, step_grad_bytes = _step(model, params, optimizer, scaler, x, y, dtype,
@@ -343,7 +347,8 @@ def train(model: nn.Module, train_tokens: torch.Tensor,
         hist.train_loss.append(loss_value)
         hist.lr.append(schedule.get_last_lr()[0])
         schedule.step()
-        bar.set_postfix(loss=round(loss_value, 4))
+        if bar is not None:
+            bar.set_postfix(loss=round(loss_value, 4))
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             run_evals(step + 1)
             model.train()
