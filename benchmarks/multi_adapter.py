@@ -3,12 +3,15 @@
 Usage: python benchmarks/multi_adapter.py [--repeats N]
 
 A batch of requests, each naming one of ``n`` adapters (8, 32 and 128; assigned round-robin
-in a seeded random order, so that every adapter has requests), runs through the small GPT whose ``q`` and ``v`` projections carry the adapters
-(:class:`lora_edu.serving.MultiLoRALinear`). Two shapes: *prefill* (each request brings a
+in a seeded random order, so that every adapter has requests), runs through the small GPT
+whose ``q`` and ``v`` projections carry the adapters (:class:`lora_edu.serving.MultiLoRALinear`). Two shapes: *prefill* (each request brings a
 prompt of T tokens) and *decode* (one new token per request, the step that dominates
 serving). For each, the base model alone, the batched LoRA branch and the looped LoRA branch
 are timed round-robin in one run; figures are forward-pass tokens per second from the fastest
-of the repeats (other processes can only add time, so the minimum estimates the cost itself). Writes ``benchmarks/results/multi_adapter-<device>.json``.
+of the repeats (other processes can only add time, so the minimum estimates the cost itself).
+On a GPU the clock is elapsed time; on a CPU it is the CPU time of one thread running PyTorch
+single-threaded, which other processes sharing the machine do not inflate. Writes
+``benchmarks/results/multi_adapter-<device>.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ SETTINGS = {  # requests per batch, prompt tokens per request, model preset, LoR
 }
 
 
+def clock(device: torch.device) -> str:
+    """Elapsed time on a GPU; on a (possibly shared) CPU, one thread's CPU time."""
+    return "wall" if device.type == "cuda" else "thread"
+
+
 def measure(device: torch.device, n_adapters: int, tokens: int, repeats: int) -> dict[str, float]:
     """Tokens/s of base, batched and looped forward passes for one adapter count and shape."""
     cfg = SETTINGS[device.type if device.type in SETTINGS else "cpu"]
@@ -55,7 +63,8 @@ def measure(device: torch.device, n_adapters: int, tokens: int, repeats: int) ->
 
     with torch.inference_mode():
         times = interleaved_timings({"base": lambda: base(idx), "batched": run("batched"),
-                                     "looped": run("loop")}, repeats=repeats)
+                                     "looped": run("loop")}, repeats=repeats,
+                                    clock=clock(device))
     n_tok = idx.numel()
     tps = {k: n_tok / min(v) for k, v in times.items()}
     return {"adapters_in_batch": int(torch.unique(ids).numel()),
@@ -91,7 +100,6 @@ def main() -> int:
         "device": device.type,
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -99,7 +107,9 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
         "settings": {**cfg, "shapes_tokens_per_request": shapes, "repeats": args.repeats,
                      "statistic": "tokens/s of a forward pass from the fastest of the "
-                                  "interleaved repeats"},
+                                  "interleaved repeats",
+                     "clock": clock(device) + (" (time.thread_time, torch on 1 thread)"
+                                               if clock(device) == "thread" else "")},
         "figures": figures,
     }
     out = ROOT / "benchmarks" / "results" / f"multi_adapter-{device.type}.json"
