@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lora_edu.lora import LoRALinear
@@ -169,3 +171,27 @@ def test_interleaved_timings_counts_rounds_and_restores_threads() -> None:
     assert torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="clock must be"):
         interleaved_timings({"a": bump("a")}, clock="cpu")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), r=st.integers(1, 5), batch=st.integers(1, 9),
+       tokens=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_property_batched_equals_loop_and_dense_formula(n: int, r: int, batch: int,
+                                                        tokens: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    base = nn.Linear(7, 5)
+    adapters = {f"a{i}": (torch.randn(r, 7, generator=gen), torch.randn(5, r, generator=gen),
+                          float(i + 1)) for i in range(n)}
+    multi = MultiLoRALinear(base, adapters)
+    ids = torch.randint(0, n, (batch,), generator=gen)
+    x = torch.randn(batch, tokens, 7, generator=gen)
+    multi.set_ids(ids)
+    with torch.no_grad():
+        batched = multi(x)
+        multi.mode = "loop"
+        looped = multi(x)
+        dense = torch.stack([x[i] @ (base.weight + s * B @ A).T + base.bias
+                             for i, (A, B, s) in
+                             ((i, adapters[f"a{int(a)}"]) for i, a in enumerate(ids))])
+    torch.testing.assert_close(batched, looped, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched, dense, atol=1e-4, rtol=1e-4)
