@@ -195,11 +195,13 @@ def inject_multi_lora(model: nn.Module, adapters: Mapping[str, Mapping[str, tupl
     """
     names = [tuple(a) for a in adapters.values()]
     if any(n != names[0] for n in names):
-        raise ValueError("every layer must carry the same adapter names in the same order")
+        raise ValueError("adapters: every layer must list the same adapter names in the "
+                         f"same order (one adapter = factors for each layer), got {names}")
     modules = dict(model.named_modules())
     missing = [m for m in adapters if not isinstance(modules.get(m), nn.Linear)]
     if missing:
-        raise ValueError(f"module(s) {missing[:5]} are not nn.Linear layers of the model")
+        raise ValueError(f"adapters names module(s) {missing[:5]} that are not nn.Linear "
+                         "layers of the model; use names from model.named_modules()")
     built = {m: MultiLoRALinear(modules[m], a) for m, a in adapters.items()}
     for m, layer in built.items():
         parent, _, child = m.rpartition(".")
