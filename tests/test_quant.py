@@ -426,3 +426,24 @@ def test_state_dict_round_trip_reproduces_outputs():
     assert not torch.allclose(a(x), b(x))  # different seeds: different weights and adapters
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x), b(x))
+
+
+def test_an_adapter_trained_on_a_4bit_base_loads_into_a_full_precision_model(tmp_path):
+    from lora_edu.adapters import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    base_weights = Tiny().state_dict()
+    cfg = LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False)
+    four = Tiny()
+    four.load_state_dict(base_weights)
+    inject_lora_4bit(four, cfg)
+    save_adapter(four, tmp_path)
+    full = Tiny()
+    full.load_state_dict(base_weights)
+    load_adapter(full, tmp_path)
+    for name in ("q", "v"):
+        assert isinstance(getattr(full, name), LoRALinear)
+        assert not isinstance(getattr(full, name), LoRALinear4bit)
+        for factor in ("lora_A", "lora_B"):
+            assert torch.equal(getattr(getattr(full, name), factor),
+                               getattr(getattr(four, name), factor))
