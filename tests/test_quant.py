@@ -341,6 +341,19 @@ def test_bf16_compute_keeps_lora_in_fp32_and_stays_close():
     assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_training_under_autocast_works_for_every_compute_dtype(compute_dtype):
+    torch.manual_seed(0)
+    model = inject_lora_4bit(Tiny(), LoraConfig(r=4, target_modules=["q", "v"]),
+                             compute_dtype=compute_dtype)
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().pow(2).mean()
+    loss.backward()
+    assert model.q.lora_B.grad is not None and model.q.lora_B.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
 def test_merge_is_refused_and_merged_linear_reproduces_the_layer():
     q4, _ = _pair()
     with pytest.raises(NotImplementedError, match="merged_linear"):

@@ -429,12 +429,14 @@ class _DequantizeMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: Linear4bit) -> Tensor:
-        ctx.layer = layer
+        ctx.layer, ctx.x_dtype = layer, x.dtype
         return F.linear(x, layer.weight)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
-        return grad_out @ ctx.layer.weight, None
+        weight = ctx.layer.weight
+        # Under autocast grad_out may be bf16/fp16 while Ŵ0 is not: match, then give x's dtype.
+        return (grad_out.to(weight.dtype) @ weight).to(ctx.x_dtype), None
 
 
 def _check_compute_dtype(dtype: Any) -> None:
