@@ -52,6 +52,7 @@ __all__ = [
     "SparseProjection",
     "HadamardProjection",
     "make_projection",
+    "projection_matrix",
     "SubspaceModel",
     "linear_weights",
     "delta_weights",
@@ -233,7 +234,8 @@ class SubspaceModel(nn.Module):
     :mod:`lora_edu.train` accepts a wrapped GPT.
 
     Args:
-        model: any ``nn.Module``; its parameters are frozen (not modified).
+        model: any ``nn.Module``; its parameters are set to ``requires_grad=False`` (their
+            values are never changed: :meth:`export` writes ``θ0 + P z`` into a copy).
         d: subspace dimension, ``1 <= d <= D``.
         projection: ``"sparse"`` or ``"hadamard"``.
         seed: seeds ``P`` (``z`` needs none: it starts at zero).
