@@ -134,8 +134,9 @@ def main() -> int:
               "lora_state_bytes_ratio": lora["state_bytes"] / full["state_bytes"],
               "lora_peak_memory_ratio": (lora["peak_bytes"] / full["peak_bytes"]
                                          if lora["peak_bytes"] and full["peak_bytes"] else None)}
+    threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        f"CPU ({platform.machine()}, {threads} thread{'s' * (threads != 1)})"
     record = {"device": name, "device_type": device.type, "torch": torch.__version__,
               "python": platform.python_version(),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
