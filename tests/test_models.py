@@ -105,6 +105,8 @@ def test_generate_is_reproducible_and_crops_to_context(tiny: GPT) -> None:
     assert a.shape == (2, 40) and torch.equal(a, b) and torch.equal(a[:, :30], prompt)
     with pytest.raises(ValueError, match="temperature"):
         generate(tiny, prompt, 1, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k must be None"):
+        generate(tiny, prompt, 1, top_k=0)
 
 
 def test_count_bytes_equals_storage_bytes(tiny: GPT) -> None:

@@ -237,6 +237,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}; use a small value such "
                          f"as 0.1 for nearly greedy sampling")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be None (sample from all tokens) or >= 1, got {top_k}")
     was_training = model.training
     model.eval()
     block = model.config.block_size
