@@ -198,9 +198,11 @@ class HadamardProjection(nn.Module):
 
 
 def _check_vector(z: torch.Tensor, d: int) -> None:
-    if not isinstance(z, torch.Tensor) or z.shape != (d,):
-        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"z must be a tensor of shape ({d},), got {shape}")
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor of shape ({d},), got {type(z).__name__}")
+    if z.shape != (d,):
+        raise ValueError(f"z must have shape ({d},) for this {d}-dimensional subspace, got "
+                         f"{tuple(z.shape)}")
 
 
 def make_projection(kind: str, D: int, d: int, seed: int = 0) -> nn.Module:
