@@ -3,21 +3,22 @@
 The architecture is the GPT-2 recipe at toy scale (Radford et al., 2019): token and
 position embeddings, ``n_layer`` pre-norm blocks ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``,
 a final LayerNorm and a linear head over the vocabulary. Its Linear layers carry the names
-the LoRA paper uses, so that ``target_modules=["q", "v"]`` adapts exactly $W_q$ and $W_v$:
+the LoRA paper uses, so that ``target_modules=["q", "v"]`` adapts exactly :math:`W_q` and
+:math:`W_v`:
 
 ========  ======================  ==============================
 name      shape of ``weight``     role
 ========  ======================  ==============================
-``q``     ``(d_model, d_model)``  query projection $W_q$
-``k``     ``(d_model, d_model)``  key projection $W_k$
-``v``     ``(d_model, d_model)``  value projection $W_v$
-``o``     ``(d_model, d_model)``  output projection $W_o$
+``q``     ``(d_model, d_model)``  query projection :math:`W_q`
+``k``     ``(d_model, d_model)``  key projection :math:`W_k`
+``v``     ``(d_model, d_model)``  value projection :math:`W_v`
+``o``     ``(d_model, d_model)``  output projection :math:`W_o`
 ``fc1``   ``(d_ff, d_model)``     MLP up-projection
 ``fc2``   ``(d_model, d_ff)``     MLP down-projection
 ========  ======================  ==============================
 
-(PyTorch stores a Linear's weight as ``(out_features, in_features)``, i.e. $W_0 \\in
-\\mathbb{R}^{d\\times k}$ with $d$ outputs and $k$ inputs, the paper's convention.)
+(PyTorch stores a Linear's weight as ``(out_features, in_features)``, i.e. :math:`W_0 \\in
+\\mathbb{R}^{d\\times k}` with :math:`d` outputs and :math:`k` inputs, the paper's convention.)
 
 A checkpoint is two files: ``<name>.safetensors`` (the weights) and ``<name>.json`` (the
 :class:`GPTConfig` under ``"config"`` plus free-form metadata such as how it was trained).
@@ -108,9 +109,9 @@ class CausalSelfAttention(nn.Module):
     """Multi-head attention in which position ``t`` only attends to positions ``<= t``.
 
     Input and output ``(batch, T, d_model)``. Per head,
-    $\\mathrm{softmax}(QK^\\top/\\sqrt{d_h} + M)\\,V$ with $Q = xW_q^\\top$ etc. and $M$ the
-    causal mask ($-\\infty$ above the diagonal), then the heads are concatenated and projected
-    by $W_o$.
+    :math:`\\mathrm{softmax}(QK^\\top/\\sqrt{d_h} + M)\\,V` with :math:`Q = xW_q^\\top` etc.
+    and :math:`M` the causal mask (:math:`-\\infty` above the diagonal), then the heads are
+    concatenated and projected by :math:`W_o`.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:

@@ -2,7 +2,7 @@
 
 What is trained is decided by the model, not by the loop: :func:`train` optimises exactly
 the parameters with ``requires_grad=True``. Pretraining and full fine-tuning leave every
-parameter trainable; after ``inject_lora`` only the LoRA factors $A$ and $B$ are.
+parameter trainable; after ``inject_lora`` only the LoRA factors :math:`A` and :math:`B` are.
 
 The recipe is the usual one for small GPTs: AdamW, a linear warm-up then a cosine decay of
 the learning rate, gradient-norm clipping, and on CUDA mixed precision (bf16 where the GPU
@@ -435,10 +435,11 @@ def finetune(base: nn.Module, train_tokens: torch.Tensor,
              device: torch.device | str | None = None) -> tuple[nn.Module, History]:
     """Adapt a copy of ``base``: full fine-tuning if ``lora`` is ``None``, else LoRA.
 
-    ``lora`` is a :class:`lora_edu.lora.LoraConfig`; ``inject_lora`` then freezes $W_0$ and
-    trains only $A$ (random) and $B$ (zero), so training starts exactly at the base model.
+    ``lora`` is a :class:`lora_edu.lora.LoraConfig`; ``inject_lora`` then freezes :math:`W_0`
+    and trains only :math:`A` (random) and :math:`B` (zero), so training starts exactly at the
+    base model.
     ``base`` itself is never modified, so one pretrained model serves every run of a sweep.
-    The seed ``config.seed`` fixes LoRA's random $A$ as well as the batches.
+    The seed ``config.seed`` fixes LoRA's random :math:`A` as well as the batches.
 
     Returns:
         ``(model, history)`` with the adapted copy.
