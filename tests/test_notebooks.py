@@ -100,3 +100,15 @@ def test_an_edited_chapter_makes_its_notebook_stale(tmp_path):
     before = nt.render(nt.chapter_to_notebook(chapter))
     chapter.write_text("# Example\n\n```{code-cell} ipython3\nx = 2\n```\n")
     assert nt.render(nt.chapter_to_notebook(chapter)) != before
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=IDS)
+def test_every_chapter_ends_with_exercises_with_solutions_and_references(chapter: Path):
+    text = chapter.read_text(encoding="utf-8")
+    assert "\n## Exercises\n" in text, f"{chapter.name}: no '## Exercises' section"
+    section = text.split("\n## Exercises\n", 1)[1].split("\n## ", 1)[0]
+    exercises = re.findall(r"^\d+\. ", section, re.M)
+    solutions = re.findall(r":class: dropdown", section)
+    assert len(exercises) >= 3, f"{chapter.name}: {len(exercises)} exercises, at least 3 needed"
+    assert len(solutions) >= 3, f"{chapter.name}: solutions belong in dropdown admonitions"
+    assert "```{bibliography}" in text, f"{chapter.name}: no references"

@@ -8,6 +8,7 @@ The checker itself is tested on small pages made here, so that it is known to ca
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -75,3 +76,23 @@ def test_built_site_reads_cleanly_in_a_browser_and_screenshots_are_saved():
     for page in check_site.pages(SITE):
         name = page.relative_to(SITE).as_posix()[:-5].replace("/", "_")
         assert (shots / f"{name}.png").stat().st_size > 10_000, f"no screenshot of {name}"
+
+
+def _chapter_pages() -> list[Path]:
+    return sorted((SITE / "book").glob("[0-9][0-9]_*.html"))
+
+
+def test_every_chapter_page_has_navigation_badge_and_bibliography():
+    _need((SITE / "index.html").exists(), "the book has not been built: run `make book`")
+    pages = _chapter_pages()
+    assert len(pages) == len(list((ROOT / "book").glob("[0-9][0-9]_*.md")))
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        nav = re.search(r'class="prev-next-area">(.*?)</div>\s*</div>', html, re.S)
+        assert nav, f"{page.name}: no previous/next navigation"
+        targets = re.findall(r'class="(?:left-prev|right-next)"\s+href="([^"]+)"', nav.group(1))
+        assert targets and all((page.parent / t).exists() for t in targets), page.name
+        assert 'src="../_images/colab-badge.svg"' in html or "colab-badge.svg" in html, \
+            f"{page.name}: no Colab badge"
+        assert f"notebooks/{page.stem}.ipynb" in html, f"{page.name}: badge to the wrong notebook"
+        assert 'class="citation"' in html, f"{page.name}: no bibliography"
