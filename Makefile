@@ -17,11 +17,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
-# A clean build: jupyter-cache does not notice changes inside lora_edu, so the cache goes.
+# A clean build: jupyter-cache does not notice changes inside lora_edu, and Sphinx keeps parsed
+# pages (with their outputs) in _build/.doctrees until a source changes, so all of it goes.
 # The pages execute two at a time into the cache (scripts/execute_book.py); the build then
 # finds them all cached and renders the site, failing on any warning.
 book: $(STAMP)
-	rm -rf $(BUILD)/.jupyter_cache $(BUILD)/jupyter_execute $(BUILD)/html
+	rm -rf $(BUILD)
 	$(MAKE) --no-print-directory book-cached
 	@echo "The site is in $(BUILD)/html/index.html"
 

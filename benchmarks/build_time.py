@@ -35,9 +35,8 @@ TARGET_SECONDS = 300  # issue: the whole book from a clean cache in <= 5 minutes
 
 
 def build(keep_cache: bool) -> float:
-    if not keep_cache:
-        for sub in (".jupyter_cache", "jupyter_execute", "html"):
-            shutil.rmtree(BUILD / sub, ignore_errors=True)
+    if not keep_cache:  # as make book: the execution cache and Sphinx's parsed pages go
+        shutil.rmtree(BUILD, ignore_errors=True)
     jb = Path(sys.executable).with_name("jupyter-book")
     env = {**os.environ, "LORA_EDU_PROGRESS": "static"}
     start = time.perf_counter()
