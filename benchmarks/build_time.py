@@ -13,21 +13,19 @@ page's time is measured while another page runs beside it, as in the real build.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 from jupyter_cache import get_cache
 
 from lora_edu.report import show_table
 from lora_edu.repro import get_device
+
+from _provenance import provenance, write_result  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
@@ -68,15 +66,7 @@ def main() -> int:
                ["page", "seconds"], title=f"Book build on {device.type}, "
                                           f"{os.cpu_count()} CPU cores", numeric_format="{:.1f}")
     result = {
-        "benchmark": "build_time",
-        "device": device.type,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/build_time.py" + (" --keep-cache" if args.keep_cache else ""),
+        **provenance("build_time", device),
         "clean_cache": not args.keep_cache,
         "execution": "scripts/execute_book.py: 2 pages at a time, OMP_NUM_THREADS=1",
         "pages": {p: round(t, 2) for p, t in pages},
@@ -85,10 +75,7 @@ def main() -> int:
         "target_seconds": TARGET_SECONDS,
         "wall_over_target_ratio": round(wall / TARGET_SECONDS, 3),
     }
-    out = ROOT / "benchmarks" / "results" / f"build_time-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result(result, "build_time", device)
     return 0
 
 

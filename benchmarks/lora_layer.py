@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import sys
 import warnings
@@ -39,6 +36,8 @@ from lora_edu.models import GPT, gpt_config
 from lora_edu.report import show_table
 from lora_edu.repro import get_device, seed_all
 from lora_edu.serving import interleaved_timings
+
+from _provenance import provenance, write_result  # benchmarks/ is on sys.path
 
 with warnings.catch_warnings():  # peft imports tqdm.auto, which warns without ipywidgets
     warnings.simplefilter("ignore")
@@ -165,15 +164,11 @@ def main() -> int:
     show_table([[k, v] for k, v in figures.items()], ["figure", "value"],
                title=f"LoRA layer benchmark on {device} (median of {args.repeats} rounds)")
     result = {
-        "benchmark": "lora_layer", "device": device.type,
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        **provenance("lora_layer", device),
+        "torch_threads": torch.get_num_threads(),
         # a shared machine's other work skews timings; interleaving spreads it evenly
         "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
-        "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "peft": peft.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
+        "peft": peft.__version__,
         "settings": {**s, "lora_alpha": 2 * s["r"], "target_modules": ["q", "v"],
                      "repeats": args.repeats,
                      "statistic": "median of interleaved rounds (3x as many for inference); "
@@ -185,9 +180,7 @@ def main() -> int:
                                  "merged_inference_ratio": "<= 1.01"}},
         "figures": figures,
     }
-    out = ROOT / "benchmarks" / "results" / f"lora_layer-{device.type}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result(result, "lora_layer", device)
     return 0
 
 

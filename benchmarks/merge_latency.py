@@ -17,11 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +27,8 @@ from lora_edu.models import GPT, gpt_config
 from lora_edu.report import show_table
 from lora_edu.repro import get_device, seed_all
 from lora_edu.serving import BottleneckAdapter, add_bottleneck_adapters, interleaved_timings
+
+from _provenance import provenance, write_result  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"cuda": [(32, 512), (16, 256), (1, 128)], "cpu": [(8, 128), (2, 64), (1, 16)]}
@@ -88,12 +85,7 @@ def main() -> int:
                title=f"Forward pass on {device.type} ({clock} time, fastest of {args.repeats})",
                numeric_format="{:.3f}")
     result = {
-        "benchmark": "merge_latency", "device": device.type,
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
+        **provenance("merge_latency", device),
         "settings": {"repeats": args.repeats, "clock": clock, "statistic": "fastest repeat",
                      "model": "gpu preset" if device.type == "cuda" else "cpu preset",
                      "lora": "r=8, alpha=16 on q and v", "adapter": "AdapterH, bottleneck 16"},
@@ -101,10 +93,7 @@ def main() -> int:
         "paper_table1_ms": PAPER_MS,
         "paper_source": "Hu et al. (2022), LoRA, Table 1 (GPT-2 medium, Quadro RTX8000)",
     }
-    out = ROOT / "benchmarks" / "results" / f"merge_latency-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result(result, "merge_latency", device)
     return 0
 
 

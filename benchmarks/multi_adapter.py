@@ -18,11 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +26,8 @@ from lora_edu.models import GPT, gpt_config
 from lora_edu.report import show_table
 from lora_edu.repro import get_device, seed_all
 from lora_edu.serving import interleaved_timings, multi_lora_gpt, set_adapter_ids
+
+from _provenance import provenance, write_result  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_COUNTS = (8, 32, 128)
@@ -96,15 +93,7 @@ def main() -> int:
                title=f"{cfg['requests']} requests per batch on {device.type}, "
                      f"{cfg['preset']} GPT, r={cfg['r']} on q and v", numeric_format="{:,.3g}")
     result = {
-        "benchmark": "multi_adapter",
-        "device": device.type,
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
+        **provenance("multi_adapter", device),
         "settings": {**cfg, "shapes_tokens_per_request": shapes, "repeats": args.repeats,
                      "statistic": "tokens/s of a forward pass from the fastest of the "
                                   "interleaved repeats",
@@ -112,10 +101,7 @@ def main() -> int:
                                                if clock(device) == "thread" else "")},
         "figures": figures,
     }
-    out = ROOT / "benchmarks" / "results" / f"multi_adapter-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result(result, "multi_adapter", device)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import platform
 import sys
 from pathlib import Path
@@ -40,7 +39,8 @@ from lora_edu.models import GPT, GPTConfig, gpt_config
 from lora_edu.repro import get_device, seed_all
 from lora_edu.train import History, TrainConfig, train
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _provenance import write_result  # benchmarks/ is on sys.path
+
 #: Peak dense tensor-core TFLOP/s (bf16, or fp16 where the GPU has no fast bf16), from the
 #: vendors' data sheets. Matched against ``torch.cuda.get_device_name()``.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
@@ -174,10 +174,7 @@ def main() -> int:
         print(f"LoRA peak memory ratio {ratios['lora_peak_memory_ratio']:.2f} "
               f"(target ≤ {GPU_MEMORY_TARGET}): "
               f"{'met' if record['gpu_memory_target_met'] else 'NOT met'}")
-    out = args.out or RESULTS / f"train_step-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(record, "train_step", device, out=args.out)
     return 0
 
 

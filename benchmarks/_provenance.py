@@ -1,0 +1,46 @@
+"""Where and how a benchmark was measured, and where its figures are written.
+
+Every script in ``benchmarks/`` writes ``benchmarks/results/<benchmark>-<device>.json``
+beginning with :func:`provenance`: the device (and GPU name), the machine, the library
+versions, the UTC date and the exact command, so that a committed figure says where it came
+from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance(benchmark: str, device: torch.device) -> dict[str, Any]:
+    """The fields every result file starts with."""
+    return {
+        "benchmark": benchmark,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+def write_result(result: dict[str, Any], name: str, device: torch.device,
+                 out: Path | None = None) -> Path:
+    """Write ``result`` as JSON to ``out`` or ``results/<name>-<device>.json``; say where."""
+    path = out or RESULTS / f"{name}-{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
