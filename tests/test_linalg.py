@@ -17,14 +17,6 @@ from lora_edu.linalg import (
 FAST = settings(max_examples=25, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: extra BLAS threads only add contention on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def spectrum_matrix(d: int, k: int, s: torch.Tensor, seed: int) -> torch.Tensor:
     """``U diag(s) Vᵀ`` with random orthonormal U (d×m), V (k×m), m = len(s)."""

@@ -18,14 +18,6 @@ from lora_edu.models import (GPT, PRESETS, GPTConfig, count_bytes, generate, gpt
                              load_checkpoint, load_pretrained, save_checkpoint)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine threads wait on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def tiny() -> GPT:

@@ -21,14 +21,6 @@ FAST = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup_steps=3, eval_every=3
                    eval_windows=8, desc="test")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine threads wait on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
