@@ -27,7 +27,7 @@ from torch import nn
 __all__ = [
     "LoraConfig", "LoRALinear", "inject_lora", "mark_only_lora_as_trainable", "merge_lora",
     "unmerge_lora", "merge_and_unload", "disable_adapters", "count_parameters", "lora_layers",
-    "find_targets",
+    "find_targets", "replace_module",
     "lora_summary_rows", "show_lora_summary",
 ]
 
@@ -343,6 +343,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model.get_submodule(name)`` is (``name`` as in ``named_modules()``).
+
+    ``nn.Module.set_submodule`` does this from torch 2.3 on; the package supports torch 2.1.
+    """
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
 def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Replace each targeted linear layer of ``model`` by a :class:`LoRALinear`, in place.
 
@@ -364,10 +373,8 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         from lora_edu.variants import DoRALinear
         layer_cls = DoRALinear
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, layer_cls(
-            getattr(parent, child), config.r, config.lora_alpha, config.lora_dropout,
+        replace_module(model, name, layer_cls(
+            model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
             fan_in_fan_out=config.fan_in_fan_out))
     model.lora_config = config
@@ -422,8 +429,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
             layer.unmerge()
         raise
     for name, layer in layers:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base)
+        replace_module(model, name, layer.base)
     if "lora_config" in vars(model):
         del model.lora_config
     return model

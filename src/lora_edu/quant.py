@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_edu.lora import LoraConfig, LoRALinear, find_targets, mark_only_lora_as_trainable
+from lora_edu.lora import (LoraConfig, LoRALinear, find_targets, mark_only_lora_as_trainable,
+                           replace_module)
 
 __all__ = [
     "NF4_OFFSET", "nf4_codebook", "int4_codebook", "fp4_codebook", "max_half_gap",
@@ -515,8 +516,7 @@ def inject_lora_4bit(model: nn.Module, config: LoraConfig, block_size: int = 64,
         config.r, config.lora_alpha, config.lora_dropout, use_rslora=config.use_rslora,
         init_lora_weights=config.init_lora_weights) for name in names}
     for name, layer in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        replace_module(model, name, layer)
     model.lora_config = config
     mark_only_lora_as_trainable(model, config.bias)
     return model

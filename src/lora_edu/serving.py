@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_edu.lora import replace_module
+
 __all__ = ["MultiLoRALinear", "AdapterIds", "set_adapter_ids", "inject_multi_lora",
            "BottleneckAdapter", "add_bottleneck_adapters", "AdapterSwitcher",
            "interleaved_timings", "random_adapters", "multi_lora_gpt"]
@@ -204,8 +206,7 @@ def inject_multi_lora(model: nn.Module, adapters: Mapping[str, Mapping[str, tupl
                          "layers of the model; use names from model.named_modules()")
     built = {m: MultiLoRALinear(modules[m], a) for m, a in adapters.items()}
     for m, layer in built.items():
-        parent, _, child = m.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, m, layer)
     return model
 
 
@@ -245,9 +246,8 @@ def add_bottleneck_adapters(model: nn.Module, bottleneck: int,
     if not found:
         raise ValueError(f"no nn.Linear named {list(targets)} in the model")
     for name, layer in found:
-        parent, _, child = name.rpartition(".")
         adapter = BottleneckAdapter(layer.out_features, bottleneck).to(layer.weight.device)
-        setattr(model.get_submodule(parent), child, nn.Sequential(layer, adapter))
+        replace_module(model, name, nn.Sequential(layer, adapter))
     return model
 
 
