@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lora_edu.lora import (LoraConfig, LoRALinear, find_targets, mark_only_lora_as_trainable,
                            replace_module)
+from lora_edu.models import count_bytes
 
 __all__ = [
     "NF4_OFFSET", "nf4_codebook", "int4_codebook", "fp4_codebook", "max_half_gap",
@@ -253,8 +254,8 @@ class QuantizedTensor:
 
 
 def storage_bits(tensors: Any) -> int:
-    """Bits held by an iterable of tensors: ``8 · numel · element_size`` summed."""
-    return sum(8 * t.numel() * t.element_size() for t in tensors)
+    """Bits held by an iterable of tensors: 8 × :func:`lora_edu.models.count_bytes`."""
+    return 8 * count_bytes(tensors)
 
 
 def _check_block_size(block_size: Any, name: str) -> int:

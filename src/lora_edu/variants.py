@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_edu.linalg import truncated_svd
 from lora_edu.lora import LoRALinear, lora_layers, lora_scaling
 
 __all__ = ["rslora_scaling", "pissa_factors", "check_pissa_rank", "pissa_init_", "DoRALinear",
@@ -79,10 +80,10 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float
                         f"{tuple(weight.shape)}")
     check_pissa_rank(r, tuple(weight.shape), "weight")
     w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
-    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-    root = torch.sqrt(S[:r] / scaling)
-    A = root[:, None] * Vh[:r]
-    B = U[:, :r] * root[None, :]
+    U, S, Vh = truncated_svd(w, r)  # chapter 2's top-r singular triplets
+    root = torch.sqrt(S / scaling)
+    A = root[:, None] * Vh
+    B = U * root[None, :]
     return A, B, w - scaling * (B @ A)
 
 
