@@ -45,7 +45,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lora_edu.linalg import MatrixLike, as_matrix, low_rank_approx, rank_for_energy
+from lora_edu.linalg import (MatrixLike, as_matrix, low_rank_approx, rank_for_energy,
+                            truncated_svd)
 
 __all__ = [
     "fwht",
@@ -479,8 +480,8 @@ class Amplification:
 
 
 def _top_directions(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U[:, :r], Vh[:r, :]
+    U, _, Vh = truncated_svd(M, r)
+    return U, Vh
 
 
 def _random_directions(d: int, k: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
