@@ -55,17 +55,20 @@ class CheckResult:
         return f"**{'✓' if self.passed else '✗'} {self.name}**: {self.message}"
 
 
-def _finish(name: str, failure: str | None, cases: int, raise_on_failure: bool,
-            verbose: bool) -> CheckResult:
-    if failure is None:
-        result = CheckResult(name, True, f"all {cases} cases agree with the reference", cases)
-    else:
-        result = CheckResult(name, False, failure, cases)
-    if verbose:
-        print(result)
-    if raise_on_failure and not result.passed:
-        raise AssertionError(str(result))
-    return result
+def _reporter(name: str, cases: int, raise_on_failure: bool,
+              verbose: bool) -> Callable[[str | None], CheckResult]:
+    """The function a checker ends with: ``finish(None)`` on success, ``finish(why)`` on failure."""
+    def finish(failure: str | None) -> CheckResult:
+        if failure is None:
+            result = CheckResult(name, True, f"all {cases} cases agree with the reference", cases)
+        else:
+            result = CheckResult(name, False, failure, cases)
+        if verbose:
+            print(result)
+        if raise_on_failure and not result.passed:
+            raise AssertionError(str(result))
+        return result
+    return finish
 
 
 def _call(fn: Callable, *args) -> tuple[object, str | None]:
@@ -79,9 +82,11 @@ def _close(a: Tensor, b: Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> bool
     return a.shape == b.shape and torch.allclose(a.to(b.dtype), b, rtol=rtol, atol=atol)
 
 
-def _as_tensor(value: object, what: str) -> tuple[Tensor | None, str | None]:
-    if isinstance(value, Tensor):
-        return value, None
+def _call_for_tensor(what: str, fn: Callable, *args) -> tuple[Tensor | None, str | None]:
+    """Call the student's function and take its result as a tensor, or say why that failed."""
+    value, error = _call(fn, *args)
+    if error is not None or isinstance(value, Tensor):
+        return value, error  # type: ignore[return-value]
     try:
         return torch.as_tensor(value), None
     except Exception:
@@ -109,11 +114,12 @@ def check_rank(student_rank: Callable[[Tensor], int], *, raise_on_failure: bool 
     """Check ``student_rank(W) -> int`` (the numerical rank of a float64 matrix)."""
     gen = torch.Generator().manual_seed(0)
     cases = _rank_cases(gen)
+    finish = _reporter("rank", len(cases), raise_on_failure, verbose)
     for description, W in cases:
         got, error = _call(student_rank, W.clone())
         expected = numerical_rank(W)
         if error:
-            return _finish("rank", f"on {description}: {error}", len(cases), raise_on_failure, verbose)
+            return finish(f"on {description}: {error}")
         if int(got) != expected:  # type: ignore[call-overload]
             hint = ""
             if int(got) == min(W.shape) and expected < min(W.shape):  # type: ignore[call-overload]
@@ -122,9 +128,9 @@ def check_rank(student_rank: Callable[[Tensor], int], *, raise_on_failure: bool 
                         " σ_max · max(d, k) · machine epsilon.")
             elif expected == 0:
                 hint = " The zero matrix has no nonzero singular value."
-            return _finish("rank", f"on {description} you returned {got}, expected {expected}."
-                           + hint, len(cases), raise_on_failure, verbose)
-    return _finish("rank", None, len(cases), raise_on_failure, verbose)
+            return finish(f"on {description} you returned {got}, expected {expected}."
+                           + hint)
+    return finish(None)
 
 
 # --------------------------------------------------------------------------- best rank-r
@@ -135,19 +141,17 @@ def check_low_rank_approx(student_fn: Callable[[Tensor, int], Tensor], *,
     gen = torch.Generator().manual_seed(1)
     cases = [(torch.randn(12, 8, generator=gen, dtype=torch.float64), r) for r in (1, 3, 8)]
     cases.append((torch.randn(5, 20, generator=gen, dtype=torch.float64), 2))
-    name = "best rank-r approximation"
+    finish = _reporter("best rank-r approximation", len(cases), raise_on_failure, verbose)
     for W, r in cases:
-        got, error = _call(student_fn, W.clone(), r)
+        got, error = _call_for_tensor("the result", student_fn, W.clone(), r)
         label = f"a {W.shape[0]}×{W.shape[1]} matrix with r={r}"
-        if error is None:
-            got, error = _as_tensor(got, "the result")
         if error:
-            return _finish(name, f"on {label}: {error}", len(cases), raise_on_failure, verbose)
+            return finish(f"on {label}: {error}")
         assert isinstance(got, Tensor)
         if got.shape != W.shape:
-            return _finish(name, f"on {label} your result has shape {tuple(got.shape)}; the "
+            return finish(f"on {label} your result has shape {tuple(got.shape)}; the "
                            f"approximation has W's shape {tuple(W.shape)} (return U_r Σ_r V_rᵀ, "
-                           "not the factors)", len(cases), raise_on_failure, verbose)
+                           "not the factors)")
         best = low_rank_approx(W, r)
         if _close(got, best, rtol=1e-6, atol=1e-8):
             continue
@@ -166,8 +170,8 @@ def check_low_rank_approx(student_fn: Callable[[Tensor, int], Tensor], *,
             else:
                 why = (f"‖W − yours‖_F = {err:.4g} but the Eckart–Young optimum is {floor:.4g}: "
                        "scale U's columns by the singular values (U[:, :r] * S[:r]) @ Vh[:r]")
-        return _finish(name, f"on {label}: {why}", len(cases), raise_on_failure, verbose)
-    return _finish(name, None, len(cases), raise_on_failure, verbose)
+        return finish(f"on {label}: {why}")
+    return finish(None)
 
 
 # --------------------------------------------------------------------------- LoRA forward
@@ -186,8 +190,8 @@ def check_lora_forward(student_forward: Callable[..., Tensor], *, raise_on_failu
     """
     gen = torch.Generator().manual_seed(2)
     d, k, n = 6, 10, 4
-    name = "LoRA forward pass"
     configs = [(2, 2.0, True), (2, 8.0, False), (4, 16.0, False), (1, 3.0, False)]
+    finish = _reporter("LoRA forward pass", len(configs), raise_on_failure, verbose)
     for r, alpha, b_zero in configs:
         x = torch.randn(n, k, generator=gen, dtype=torch.float64)
         W0 = torch.randn(d, k, generator=gen, dtype=torch.float64)
@@ -196,12 +200,11 @@ def check_lora_forward(student_forward: Callable[..., Tensor], *, raise_on_failu
         B = torch.zeros(d, r, dtype=torch.float64) if b_zero else \
             torch.randn(d, r, generator=gen, dtype=torch.float64)
         args = (x, W0, b, A, B, alpha, r)
-        got, error = _call(student_forward, *(a.clone() if isinstance(a, Tensor) else a for a in args))
+        got, error = _call_for_tensor("the output", student_forward,
+                                      *(a.clone() if isinstance(a, Tensor) else a for a in args))
         label = f"r={r}, α={alpha:g}" + (", B = 0 (initialisation)" if b_zero else "")
-        if error is None:
-            got, error = _as_tensor(got, "the output")
         if error:
-            return _finish(name, f"with {label}: {error}", len(configs), raise_on_failure, verbose)
+            return finish(f"with {label}: {error}")
         assert isinstance(got, Tensor)
         expected = _lora_reference(*args)
         if _close(got, expected):
@@ -226,8 +229,8 @@ def check_lora_forward(student_forward: Callable[..., Tensor], *, raise_on_failu
         else:
             why = next((m for m, wrong in mistakes.items() if _close(got, wrong)),
                        f"max |difference| = {(got - expected).abs().max().item():.3g}")
-        return _finish(name, f"with {label}: {why}", len(configs), raise_on_failure, verbose)
-    return _finish(name, None, len(configs), raise_on_failure, verbose)
+        return finish(f"with {label}: {why}")
+    return finish(None)
 
 
 # --------------------------------------------------------------------------- merge/unmerge
@@ -241,46 +244,45 @@ def check_merge_unmerge(student_merge: Callable[..., Tensor],
     ``unmerge`` must undo it.
     """
     gen = torch.Generator().manual_seed(3)
-    name = "merge / unmerge"
     configs = [(8, 5, 2, 4.0), (3, 7, 3, 3.0), (6, 6, 1, 16.0)]
+    finish = _reporter("merge / unmerge", len(configs), raise_on_failure, verbose)
     for d, k, r, alpha in configs:
         W0 = torch.randn(d, k, generator=gen, dtype=torch.float64)
         A = torch.randn(r, k, generator=gen, dtype=torch.float64)
         B = torch.randn(d, r, generator=gen, dtype=torch.float64)
         W0_before = W0.clone()
         label = f"d={d}, k={k}, r={r}, α={alpha:g}"
-        merged, error = _call(student_merge, W0, A.clone(), B.clone(), alpha, r)
-        if error is None:
-            merged, error = _as_tensor(merged, "merge's result")
+        merged, error = _call_for_tensor("merge's result", student_merge, W0, A.clone(),
+                                         B.clone(), alpha, r)
         if error:
-            return _finish(name, f"merge with {label}: {error}", len(configs), raise_on_failure, verbose)
+            return finish(f"merge with {label}: {error}")
         assert isinstance(merged, Tensor)
         expected = W0_before + (alpha / r) * B @ A
         if not _close(merged, expected):
             if merged.shape != expected.shape:
-                why = f"the merged weight has shape {tuple(merged.shape)}, expected (d, k) = ({d}, {k}): ΔW = B A"
+                why = (f"the merged weight has shape {tuple(merged.shape)}, expected (d, k) = "
+                       f"({d}, {k}): ΔW = B A")
             elif _close(merged, W0_before + B @ A):
                 why = "ΔW is not scaled: W = W0 + (α/r) B A"
             else:
-                why = f"max |W − (W0 + (α/r) B A)| = {(merged - expected).abs().max().item():.3g}"
-            return _finish(name, f"merge with {label}: {why}", len(configs), raise_on_failure, verbose)
+                gap = (merged - expected).abs().max().item()
+                why = f"max |W − (W0 + (α/r) B A)| = {gap:.3g}"
+            return finish(f"merge with {label}: {why}")
         if not torch.equal(W0, W0_before) and merged is not W0:
-            return _finish(name, f"merge with {label}: your merge changed W0 in place and "
-                           "returned another tensor; do one or the other", len(configs),
-                           raise_on_failure, verbose)
+            return finish(f"merge with {label}: your merge changed W0 in place and "
+                           "returned another tensor; do one or the other")
         if student_unmerge is not None:
-            back, error = _call(student_unmerge, expected.clone(), A.clone(), B.clone(), alpha, r)
-            if error is None:
-                back, error = _as_tensor(back, "unmerge's result")
+            back, error = _call_for_tensor("unmerge's result", student_unmerge, expected.clone(),
+                                           A.clone(), B.clone(), alpha, r)
             if error:
-                return _finish(name, f"unmerge with {label}: {error}", len(configs), raise_on_failure, verbose)
+                return finish(f"unmerge with {label}: {error}")
             assert isinstance(back, Tensor)
             if not _close(back, W0_before):
                 why = ("unmerge must subtract exactly what merge added, (α/r) B A"
                        if back.shape == W0_before.shape else
                        f"unmerge returned shape {tuple(back.shape)}, expected ({d}, {k})")
-                return _finish(name, f"unmerge with {label}: {why}", len(configs), raise_on_failure, verbose)
-    return _finish(name, None, len(configs), raise_on_failure, verbose)
+                return finish(f"unmerge with {label}: {why}")
+    return finish(None)
 
 
 # --------------------------------------------------------------------------- NF4
@@ -294,23 +296,20 @@ def check_nf4_quantize(student_fn: Callable[[Tensor, int], Tensor], *,
     absolute maximum, rounded to the nearest of the 16 NF4 values, and multiplied back.
     """
     gen = torch.Generator().manual_seed(4)
-    name = "NF4 quantisation"
+    finish = _reporter("NF4 quantisation", len(block_sizes), raise_on_failure, verbose)
     code = nf4_codebook()
     for block in block_sizes:
         W = torch.randn(8, 4 * block, generator=gen)
         W[0, :block] *= 20  # one block with a large scale: a global absmax would crush the rest
         label = f"an {W.shape[0]}×{W.shape[1]} matrix with block_size={block}"
-        got, error = _call(student_fn, W.clone(), block)
-        if error is None:
-            got, error = _as_tensor(got, "the result")
+        got, error = _call_for_tensor("the result", student_fn, W.clone(), block)
         if error:
-            return _finish(name, f"on {label}: {error}", len(block_sizes), raise_on_failure, verbose)
+            return finish(f"on {label}: {error}")
         assert isinstance(got, Tensor)
         expected = quantize_nf4(W, block_size=block).dequantize()
         if got.shape != W.shape:
-            return _finish(name, f"on {label}: return the dequantised tensor, shaped like W "
-                           f"{tuple(W.shape)}, not {tuple(got.shape)}", len(block_sizes),
-                           raise_on_failure, verbose)
+            return finish(f"on {label}: return the dequantised tensor, shaped like W "
+                           f"{tuple(W.shape)}, not {tuple(got.shape)}")
         if _close(got.float(), expected, rtol=1e-5, atol=1e-6):
             continue
         flat = W.reshape(-1)
@@ -329,5 +328,5 @@ def check_nf4_quantize(student_fn: Callable[[Tensor, int], Tensor], *,
             else:
                 why = ("the values are on the NF4 grid but some are not the nearest code: "
                        "round each normalised value to the closest of the 16 codes")
-        return _finish(name, f"on {label}: {why}", len(block_sizes), raise_on_failure, verbose)
-    return _finish(name, None, len(block_sizes), raise_on_failure, verbose)
+        return finish(f"on {label}: {why}")
+    return finish(None)
