@@ -26,7 +26,9 @@ from multiprocessing import Pool
 from jupyter_cache import get_cache
 from jupyter_cache.executors.basic import ExecutionWorkerLocalMProc, ProcessData
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from notebook_tools import ROOT, toc_files  # noqa: E402
+
 CACHE = ROOT / "_build" / ".jupyter_cache"
 READER = {"name": "myst_nb_md", "type": "plugin"}  # what MyST-NB uses for .md notebooks
 TIMINGS = ROOT / "benchmarks" / "results" / "build_time-cpu.json"
@@ -34,15 +36,7 @@ TIMINGS = ROOT / "benchmarks" / "results" / "build_time-cpu.json"
 
 def toc_pages() -> list[Path]:
     """The pages in _toc.yml that are notebooks (a jupytext header with a kernelspec)."""
-    def walk(node: object) -> list[str]:
-        if isinstance(node, dict):
-            found = [node[k] for k in ("root", "file") if k in node]
-            return found + [f for v in node.values() for f in walk(v)]
-        if isinstance(node, list):
-            return [f for item in node for f in walk(item)]
-        return []
-    files = walk(yaml.safe_load((ROOT / "_toc.yml").read_text()))
-    pages = [ROOT / f"{f}.md" for f in files]
+    pages = [ROOT / f"{f}.md" for f in toc_files()]
     return [p for p in pages if _front_matter(p).get("kernelspec")]
 
 

@@ -30,6 +30,18 @@ def chapters() -> list[Path]:
     return sorted(p for p in BOOK.iterdir() if CHAPTER_RE.match(p.name))
 
 
+def toc_files() -> list[str]:
+    """Every page ``_toc.yml`` names (root first), as written there: ``book/01_rank`` etc."""
+    def walk(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node[k] for k in ("root", "file") if k in node]
+            return found + [f for v in node.values() for f in walk(v)]
+        if isinstance(node, list):
+            return [f for item in node for f in walk(item)]
+        return []
+    return walk(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+
+
 def repository() -> tuple[str, str]:
     """``(owner/repo, branch)`` from the single repository URL in ``_config.yml``."""
     config = yaml.safe_load((ROOT / "_config.yml").read_text())

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jupytext
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -60,24 +59,8 @@ def test_first_code_cell_installs_only_in_colab_and_is_removed_from_the_page(cha
     assert nt.install_line() in first.source, f"{chapter.name}: expected `{nt.install_line()}`"
 
 
-def _toc_files(node) -> list[str]:
-    files = []
-    if isinstance(node, dict):
-        if "file" in node:
-            files.append(node["file"])
-        if "root" in node:
-            files.append(node["root"])
-        for value in node.values():
-            files += _toc_files(value)
-    elif isinstance(node, list):
-        for item in node:
-            files += _toc_files(item)
-    return files
-
-
 def test_toc_lists_only_existing_pages_and_every_chapter():
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = _toc_files(toc)
+    files = nt.toc_files()
     missing = [f for f in files if not (ROOT / f"{f}.md").exists()]
     assert not missing, f"_toc.yml lists pages that do not exist: {missing}"
     absent = [c.stem for c in CHAPTERS if f"book/{c.stem}" not in files]
