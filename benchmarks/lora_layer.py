@@ -36,6 +36,7 @@ from lora_edu.models import GPT, gpt_config
 from lora_edu.report import show_table
 from lora_edu.repro import get_device, seed_all
 from lora_edu.serving import interleaved_timings
+from lora_edu.train import cpu_step_peak
 
 from _provenance import provenance, write_result  # benchmarks/ is on sys.path
 
@@ -82,11 +83,6 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
-
-
 def peak_bytes(step: Callable[[], None], model: nn.Module, *existing: object) -> int:
     """Peak bytes alive during ``step()``, model, optimizer state and batch included."""
     if torch.cuda.is_available():
@@ -95,16 +91,10 @@ def peak_bytes(step: Callable[[], None], model: nn.Module, *existing: object) ->
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    for p in model.parameters():  # MemTracker cannot hook frozen parameters; skip them
-        if not p.requires_grad:
-            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-    tracker.track_external(model, *existing)
-    with tracker:
-        step()
-    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+    peak = cpu_step_peak(step, model, *existing).get("peak")
+    if peak is None:
+        raise RuntimeError("PyTorch's MemTracker could not measure the CPU peak in this build")
+    return peak
 
 
 def median_ms(times: list[float]) -> float:

@@ -41,7 +41,7 @@ from lora_edu.repro import DEFAULT_SEED
 
 __all__ = ["TrainConfig", "MemoryReport", "History", "lr_factor", "lm_loss", "evaluate",
            "optimizer_state_bytes", "autocast_dtype", "train", "PRETRAIN_RECIPES", "pretrain",
-           "finetune"]
+           "finetune", "cpu_step_peak"]
 
 
 @dataclass(frozen=True)
@@ -216,13 +216,13 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class _NoHook:
-    """Stands in for a hook handle MemTracker would install (see :func:`_cpu_peak`)."""
+    """Stands in for a hook handle MemTracker would install (see :func:`cpu_step_peak`)."""
 
     def remove(self) -> None:
         pass
 
 
-def _cpu_peak(step: Callable[[], None], model: nn.Module, *existing: Any) -> dict[str, int]:
+def cpu_step_peak(step: Callable[[], None], model: nn.Module, *existing: Any) -> dict[str, int]:
     """Peak bytes of every CPU tensor alive while ``step()`` runs, by PyTorch's MemTracker.
 
     ``model`` and ``existing`` (optimizers, tensors) were allocated before the step and are
@@ -272,7 +272,7 @@ def _measure_cpu_peak(model: nn.Module, config: TrainConfig,
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    return _cpu_peak(step, clone, optimizer, *batch)
+    return cpu_step_peak(step, clone, optimizer, *batch)
 
 
 def _check_trainable(model: nn.Module) -> list[nn.Parameter]:
