@@ -14,7 +14,7 @@ adapters present, one sub-batch each) for comparison.
 
 **Swapping.** :class:`AdapterSwitcher` switches a layer between adapters by writing
 round(W0 + ΔW) from a full-precision master copy of W0, so that no rounding error piles up
-over many swaps (merge/unmerge in bf16 or fp16 does pile it up; chapter 10 measures it).
+over many swaps (merge/unmerge in bf16 or fp16 does pile it up; chapter 11 measures it).
 
 **Bottleneck adapters** (Houlsby et al., 2019): ``h + W_up σ(W_down h)`` inserted after a
 sublayer. Unlike LoRA they cannot be merged into W0 (σ is non-linear), so they add sequential

@@ -96,7 +96,7 @@ def pissa_init_(layer: LoRALinear) -> LoRALinear:
     base keeps only the minor ones. Because ``base.weight`` now stores W_res, not W0, merging
     gives W_res + s·B A (= the fine-tuned W, as expected) but *unmerging* gives W_res, and an
     adapter saved from a PiSSA layer only makes sense on top of the same residual (or after
-    converting it to a plain LoRA: ΔW = s·B A − s·B₀A₀, see chapter 12).
+    converting it to a plain LoRA: ΔW = s·B A − s·B₀A₀, see chapter 14).
 
     Raises:
         ValueError: r > min(d, k), or the layer is merged. Nothing is modified then.
