@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora_edu.lora import (LoraConfig, LoRALinear, count_parameters, disable_adapters,
+from lora_edu.lora import (LoraConfig, LoRALinear, count_parameters, disable_adapters, find_targets,
                            inject_lora, lora_layers, mark_only_lora_as_trainable,
                            merge_and_unload, merge_lora, show_lora_summary, unmerge_lora)
 from lora_edu.repro import seed_all
@@ -427,3 +427,33 @@ def test_property_forward_equals_dense_formula(d: int, k: int, r: int, alpha: fl
     assert torch.linalg.matrix_rank(layer.delta_weight()) <= min(r, d, k)
     layer.merge()
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_all_linear_matches_peft_on_gpt_and_llama():
+    """``"all-linear"`` adapts every linear layer but the output layer, the set PEFT picks for a
+    transformers model. (On a plain nn.Module PEFT cannot tell which layer is the output and
+    adapts ``lm_head`` too; ours still leaves it out.)"""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_edu.models import GPT, gpt_config
+
+    tiny_llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    for model in (GPT(gpt_config("tiny")), tiny_llama):
+        ours = find_targets(model, LoraConfig(r=2, target_modules="all-linear"))
+        wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+            r=2, target_modules="all-linear"))
+        theirs = [n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)]
+        assert ours == [n for n in theirs if n != "lm_head"] and ours
+        assert "lm_head" not in ours
+
+
+def test_all_linear_refuses_a_second_injection():
+    from lora_edu.models import GPT, gpt_config
+
+    model = inject_lora(GPT(gpt_config("tiny")), LoraConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(model, LoraConfig(r=2, target_modules="all-linear"))

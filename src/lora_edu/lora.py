@@ -82,7 +82,13 @@ def _check_bias(bias: Any) -> str:
     return bias
 
 
+#: PEFT's shorthand for "every linear layer but the output layer".
+ALL_LINEAR = "all-linear"
+
+
 def _check_targets(target_modules: Any) -> list[str] | str:
+    if target_modules == ALL_LINEAR:
+        return ALL_LINEAR
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
@@ -111,7 +117,8 @@ class LoraConfig:
         bias: which biases train: ``"none"``, ``"all"`` (every bias in the model) or
             ``"lora_only"`` (biases of the adapted layers).
         target_modules: a list (a module matches if its name equals an entry or ends with
-            ``"." + entry``) or a string (a regex that must match the whole name).
+            ``"." + entry``), a string (a regex that must match the whole name), or
+            ``"all-linear"``: every linear layer except the output layer, as in PEFT.
         use_rslora: rank-stabilised scaling s = α/√r (Kalajdzievski, 2023).
         init_lora_weights: ``True``: A Kaiming-uniform as in PEFT, B = 0; ``"gaussian"``:
             A ~ N(0, 1/r²) as in PEFT's reading of the paper, B = 0; ``False``: A and B both
@@ -306,6 +313,25 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the modules that produce the logits (PEFT's ``"all-linear"`` leaves them out).
+
+    A transformers model names its own (``get_output_embeddings``); otherwise a top-level
+    ``lm_head`` is taken to be the output layer, as in :class:`lora_edu.models.GPT`.
+    """
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else getattr(model, "lm_head", None)
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` (or GPT-2 ``Conv1D``) except the output layer, as PEFT's
+    ``target_modules="all-linear"`` chooses them."""
+    skip = _output_layer_names(model)
+    return [n for n, m in model.named_modules()
+            if n and n not in skip and (isinstance(m, nn.Linear) or _is_conv1d(m))]
+
+
 def _matches(name: str, target_modules: TargetModules) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -321,8 +347,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         TypeError: a match is not an ``nn.Linear`` (nor a ``Conv1D`` with ``fan_in_fan_out``).
     """
     inside_lora = {f"{n}.{c}" for n, _ in lora_layers(model) for c in ("base", "lora_dropout")}
-    names = [n for n, _ in model.named_modules()
-             if n and n not in inside_lora and _matches(n, config.target_modules)]
+    if config.target_modules == ALL_LINEAR:
+        already = [n for n, _ in lora_layers(model)]
+        if already:  # the loop below would never see them: a LoRALinear is no nn.Linear
+            raise ValueError(f"module {already[0]!r} already has LoRA; inject_lora was called "
+                             "twice (load weights with lora_edu.adapters.load_adapter instead)")
+        names = _all_linear(model)
+    else:
+        names = [n for n, _ in model.named_modules()
+                 if n and n not in inside_lora and _matches(n, config.target_modules)]
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"target_modules={config.target_modules!r} matches no module; "
