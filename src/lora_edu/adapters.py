@@ -256,7 +256,12 @@ def save_peft_adapter(model: nn.Module, directory: PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {_to_peft_key(k): v for k, v in _adapter_state(model, config).items()}
     save_file(state, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / PEFT_CONFIG_NAME).write_text(json.dumps(_peft_config(config), indent=2) + "\n")
+    peft_config = _peft_config(config)
+    if config.target_modules == "all-linear":
+        # PEFT resolves "all-linear" itself, and on a model that is not a transformers model it
+        # would also pick the output layer: name the adapted layers so that both sides agree.
+        peft_config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)})
+    (out / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
     return out
 
 
