@@ -11,9 +11,10 @@ from torch import nn
 
 from lora_edu.lora import LoraConfig, LoRALinear, count_parameters
 from lora_edu.quant import (
-    DoubleQuantizedAbsmax, Linear4bit, LoRALinear4bit, QuantizedTensor, double_quantize,
-    fp4_codebook, inject_lora_4bit, int4_codebook, max_half_gap, nf4_codebook, pack_4bit,
-    quantize_blockwise, quantize_nf4, unpack_4bit,
+    QLORA_MERGES, DoubleQuantizedAbsmax, Linear4bit, LoRALinear4bit, QuantizedTensor,
+    double_quantize, fp4_codebook, inject_lora_4bit, int4_codebook, loftq_init, max_half_gap,
+    merge_qlora, merge_qlora_layer, nf4_codebook, pack_4bit, quantize_blockwise, quantize_nf4,
+    unpack_4bit,
 )
 
 # bitsandbytes' NF4 table (bitsandbytes/functional.py, get_4bit_type("nf4"); the same literals
@@ -460,3 +461,218 @@ def test_an_adapter_trained_on_a_4bit_base_loads_into_a_full_precision_model(tmp
         for factor in ("lora_A", "lora_B"):
             assert torch.equal(getattr(getattr(full, name), factor),
                                getattr(getattr(four, name), factor))
+
+
+# --------------------------------------------------------------------------- LoftQ
+
+def _fro(M: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(M))
+
+
+def test_loftq_error_falls_with_iterations_and_beats_plain_quantisation():
+    torch.manual_seed(0)
+    W = torch.randn(96, 160) * 0.02
+    plain = _fro(W - quantize_nf4(W).dequantize())
+    res = loftq_init(W, r=8, num_iters=5, scaling=2.0)
+    assert res.quantization_error == pytest.approx(plain, rel=1e-6)
+    assert len(res.errors) == 5
+    assert res.errors[0] < plain
+    assert all(b < a for a, b in zip(res.errors, res.errors[1:]))
+    # The reported error is the one of the returned tensors: W ≈ Q + s·B A.
+    rebuilt = res.quantized.dequantize() + 2.0 * res.lora_B @ res.lora_A
+    assert _fro(W - rebuilt) == pytest.approx(res.errors[-1], rel=1e-5)
+
+
+def test_loftq_with_one_iteration_is_plain_quantisation_plus_the_residual_svd():
+    from lora_edu.linalg import low_rank_approx
+
+    torch.manual_seed(1)
+    W = torch.randn(64, 128)
+    res = loftq_init(W, r=4, num_iters=1)
+    plain = quantize_nf4(W)
+    assert torch.equal(res.quantized.packed, plain.packed)
+    residual = W - plain.dequantize()
+    assert torch.allclose(res.lora_B @ res.lora_A, low_rank_approx(residual, 4), atol=1e-5)
+    # Eckart–Young: no rank-4 correction of this Q does better.
+    assert res.errors[0] == pytest.approx(_fro(residual - low_rank_approx(residual, 4)),
+                                          rel=1e-5)
+
+
+def test_loftq_shapes_dtypes_scaling_and_W_untouched():
+    torch.manual_seed(2)
+    W = (torch.randn(48, 80) * 0.05).to(torch.bfloat16)
+    before = W.clone()
+    r1 = loftq_init(W, r=6, num_iters=2, scaling=1.0)
+    r4 = loftq_init(W, r=6, num_iters=2, scaling=4.0)
+    assert torch.equal(W, before)
+    assert r1.lora_A.shape == (6, 80) and r1.lora_B.shape == (48, 6)
+    assert r1.lora_A.dtype == r1.lora_B.dtype == torch.float32
+    assert r1.quantized.shape == W.shape and r1.quantized.dequantize().dtype == torch.bfloat16
+    # The factors are for the layer's scaling: s·B A does not depend on s.
+    assert torch.allclose(4.0 * r4.lora_B @ r4.lora_A, r1.lora_B @ r1.lora_A, atol=1e-6)
+    assert torch.allclose(r4.lora_A, r1.lora_A / 2) and torch.allclose(r4.lora_B, r1.lora_B / 2)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(W=torch.randn(64)), TypeError, "2-D"),
+    (dict(W=torch.ones(8, 8, dtype=torch.int32)), TypeError, "floating-point"),
+    (dict(W=torch.full((8, 8), float("nan"))), ValueError, "inf or NaN"),
+    (dict(r=0), ValueError, "1 <= r"),
+    (dict(r=17), ValueError, "min"),
+    (dict(r=2.0), TypeError, "int"),
+    (dict(num_iters=0), ValueError, "num_iters"),
+    (dict(num_iters=1.5), TypeError, "num_iters"),
+    (dict(scaling=-1.0), ValueError, "scaling"),
+    (dict(scaling=float("inf")), ValueError, "scaling"),
+])
+def test_loftq_refuses_bad_input(kwargs, error, words):
+    args = dict(W=torch.randn(16, 32), r=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=words):
+        loftq_init(args.pop("W"), **args)
+
+
+def test_inject_lora_4bit_with_loftq_starts_closer_to_the_full_precision_model():
+    torch.manual_seed(0)
+    full = Tiny()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
+    standard = inject_lora_4bit(copy.deepcopy(full), cfg)
+    loftq = inject_lora_4bit(copy.deepcopy(full), cfg, loftq_iters=3)
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        ref = full(x)
+        gap_standard = (standard(x) - ref).norm()
+        gap_loftq = (loftq(x) - ref).norm()
+    assert gap_loftq < gap_standard
+    for name in ("q", "v"):
+        layer = getattr(loftq, name)
+        expected = loftq_init(getattr(full, name).weight, 4, 3, scaling=2.0, double_quant=True)
+        assert torch.equal(layer.base.packed, expected.quantized.packed)
+        assert torch.allclose(layer.lora_A, expected.lora_A)
+        assert layer.lora_B.abs().sum() > 0  # LoftQ does not start at B = 0
+    trainable, _ = count_parameters(loftq)
+    assert trainable == 2 * 4 * (64 + 64)
+    with pytest.raises(ValueError, match="loftq_iters"):
+        inject_lora_4bit(copy.deepcopy(full), cfg, loftq_iters=-1)
+
+
+# --------------------------------------------------------------------------- merging
+
+def _trained_qlora(double_quant=True, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(96, 80)
+    layer = LoRALinear4bit(Linear4bit.from_linear(linear, double_quant=double_quant), r=4,
+                           lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.05)  # as if trained
+    return linear, layer
+
+
+def test_merging_into_the_dequantised_base_reproduces_the_unmerged_layer():
+    linear, layer = _trained_qlora()
+    x = torch.randn(7, 96)
+    exact = merge_qlora_layer(layer, "dequantized", dtype=torch.float32)
+    assert type(exact) is nn.Linear
+    assert torch.allclose(exact(x), layer(x), atol=1e-5)
+    half = merge_qlora_layer(layer)  # the default: 16-bit storage
+    assert half.weight.dtype == torch.bfloat16
+    expected = (layer.base.weight.float() + layer.delta_weight()).to(torch.bfloat16)
+    assert torch.equal(half.weight, expected)
+    assert torch.equal(half.bias, linear.bias.to(torch.bfloat16))
+    assert not any(p.requires_grad for p in half.parameters())
+
+
+def test_merging_into_the_original_weight():
+    linear, layer = _trained_qlora()
+    merged = merge_qlora_layer(layer, "original", original_weight=linear.weight)
+    assert merged.weight.dtype == torch.float32
+    assert torch.allclose(merged.weight, linear.weight + layer.delta_weight(), atol=1e-7)
+    # It differs from the unmerged model by exactly W0 − Ŵ0, the quantisation error.
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        gap = merged(x) - layer(x)
+        assert torch.allclose(gap, x @ (linear.weight - layer.base.weight).T, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_merging_then_requantising(double_quant):
+    linear, layer = _trained_qlora(double_quant=double_quant)
+    re4 = merge_qlora_layer(layer, "requantized")
+    assert isinstance(re4, Linear4bit) and re4.double_quant == double_quant
+    target = layer.base.quantized_weight.dequantize(torch.float32) + layer.delta_weight()
+    expected = quantize_nf4(target, double_quant=double_quant).dequantize()
+    assert torch.equal(re4.weight, expected)
+    # A zero adapter requantises Ŵ0 to itself (without double quantisation, exactly).
+    if not double_quant:
+        with torch.no_grad():
+            layer.lora_B.zero_()
+        assert torch.equal(merge_qlora_layer(layer, "requantized").weight, layer.base.weight)
+
+
+def test_merge_qlora_layer_refuses_bad_input():
+    linear, layer = _trained_qlora()
+    with pytest.raises(TypeError, match="LoRALinear4bit"):
+        merge_qlora_layer(LoRALinear(nn.Linear(4, 4), r=2))
+    with pytest.raises(ValueError, match="into must be one of"):
+        merge_qlora_layer(layer, "fp8")
+    with pytest.raises(ValueError, match="needs original_weight"):
+        merge_qlora_layer(layer, "original")
+    with pytest.raises(ValueError, match="shape"):
+        merge_qlora_layer(layer, "original", original_weight=torch.randn(96, 80))
+    with pytest.raises(TypeError, match="floating-point"):
+        merge_qlora_layer(layer, "original", original_weight=torch.ones(80, 96, dtype=torch.int8))
+    with pytest.raises(ValueError, match="only used with"):
+        merge_qlora_layer(layer, "dequantized", original_weight=linear.weight)
+    with pytest.raises(ValueError, match="not used with into='requantized'"):
+        merge_qlora_layer(layer, "requantized", dtype=torch.float16)
+    with pytest.raises(ValueError, match="floating-point torch.dtype"):
+        merge_qlora_layer(layer, dtype=torch.int8)
+    assert set(QLORA_MERGES) == {"dequantized", "original", "requantized"}
+
+
+def test_merge_qlora_replaces_every_layer_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    full = Tiny()
+    model = inject_lora_4bit(copy.deepcopy(full), LoraConfig(r=4, target_modules=["q", "v"]))
+    with torch.no_grad():
+        model.q.lora_B.normal_(std=0.05)
+        model.v.lora_B.normal_(std=0.05)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        before = model(x)
+    for into, kwargs in [("dequantized", dict(dtype=torch.float32)),
+                         ("original", dict(original=full)),
+                         ("original", dict(original={"q": full.q.weight, "v": full.v.weight})),
+                         ("requantized", {})]:
+        merged = merge_qlora(copy.deepcopy(model), into, **kwargs)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        assert not hasattr(merged, "lora_config")
+        expected = Linear4bit if into == "requantized" else nn.Linear
+        assert type(merged.q) is expected and type(merged.v) is expected
+        with torch.no_grad():
+            out = merged(x)
+        if into == "dequantized":
+            assert torch.allclose(out, before, atol=1e-5)
+        else:
+            assert not torch.allclose(out, before, atol=1e-5)
+
+
+def test_merge_qlora_leaves_the_model_unchanged_on_error():
+    torch.manual_seed(0)
+    full = Tiny()
+    model = inject_lora_4bit(copy.deepcopy(full), LoraConfig(r=4, target_modules=["q", "v"]))
+    # q would merge, v has no original weight: nothing may be replaced.
+    with pytest.raises(ValueError, match="no weight for 'v'"):
+        merge_qlora(model, "original", original={"q": full.q.weight})
+    assert isinstance(model.q, LoRALinear4bit) and isinstance(model.v, LoRALinear4bit)
+    with pytest.raises(ValueError, match="needs original="):
+        merge_qlora(model, "original")
+    with pytest.raises(ValueError, match="only used with"):
+        merge_qlora(model, "dequantized", original=full)
+    with pytest.raises(TypeError, match="nn.Module or a dict"):
+        merge_qlora(model, "original", original=[full.q.weight])
+    with pytest.raises(ValueError, match="no module 'q'"):
+        merge_qlora(model, "original", original=nn.Sequential())
+    with pytest.raises(ValueError, match="no LoRALinear4bit"):
+        merge_qlora(full)
+    assert isinstance(model.q, LoRALinear4bit) and isinstance(model.v, LoRALinear4bit)

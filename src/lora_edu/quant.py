@@ -8,8 +8,10 @@ QLoRA (Dettmers et al., 2023) fine-tunes a model whose frozen weights
 
 The pieces, in the order the chapter builds them:
 
-* a **codebook** of 16 values in [-1, 1] (:func:`nf4_codebook`, and the baselines
-  :func:`int4_codebook` and :func:`fp4_codebook`);
+* a **codebook** of at most 16 values in [-1, 1] (4 bits give 16 bit patterns):
+  :func:`nf4_codebook` (16 distinct values), and the baselines :func:`int4_codebook`
+  (15 symmetric levels) and :func:`fp4_codebook` (OCP E2M1: 16 patterns, 15 values, as
+  +0 and -0 coincide);
 * **blockwise absmax quantisation**: the flattened tensor is cut into blocks of
   ``block_size`` values; each block is divided by its absolute maximum ``c`` (kept in fp32)
   and every value is replaced by the index of the nearest code, so
@@ -20,27 +22,36 @@ The pieces, in the order the chapter builds them:
   0.127 bits per parameter;
 * :class:`Linear4bit`, a frozen linear layer stored that way and dequantised on the fly, and
   :class:`LoRALinear4bit`, :class:`lora_edu.lora.LoRALinear` on top of it;
-  :func:`inject_lora_4bit` puts both into a model.
+  :func:`inject_lora_4bit` puts both into a model;
+* **LoftQ** initialisation (Li et al., 2024): :func:`loftq_init` alternates quantisation and a
+  rank-r SVD of the residual so that ``Q + s·B A`` starts close to ``W0``
+  (``inject_lora_4bit(..., loftq_iters=T)`` uses it);
+* **merging a QLoRA adapter** for deployment: :func:`merge_qlora_layer` and
+  :func:`merge_qlora` add ``s·B A`` to the dequantised ``Ŵ0`` (kept in 16 bit), to the original
+  ``W0``, or to ``Ŵ0`` and quantise the sum again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import math
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_edu.lora import (LoraConfig, LoRALinear, find_targets, mark_only_lora_as_trainable,
-                           replace_module)
+from lora_edu.linalg import truncated_svd
+from lora_edu.lora import (LoraConfig, LoRALinear, find_targets, lora_scaling,
+                           mark_only_lora_as_trainable, replace_module)
 from lora_edu.models import count_bytes
 
 __all__ = [
     "NF4_OFFSET", "nf4_codebook", "int4_codebook", "fp4_codebook", "max_half_gap",
     "pack_4bit", "unpack_4bit", "DoubleQuantizedAbsmax", "double_quantize", "QuantizedTensor",
     "quantize_blockwise", "quantize_nf4", "Linear4bit", "LoRALinear4bit", "inject_lora_4bit",
-    "storage_bits",
+    "storage_bits", "LoftQInit", "loftq_init", "QLORA_MERGES", "merge_qlora_layer",
+    "merge_qlora",
 ]
 
 #: The probability of the outermost NF4 quantile, as in bitsandbytes' ``create_normal_map``.
@@ -77,19 +88,22 @@ def nf4_codebook() -> Tensor:
 def int4_codebook() -> Tensor:
     """Symmetric 4-bit integers as a codebook: ``{-7, ..., 7} / 7`` (15 values, ascending).
 
-    This is absmax int4 quantisation, ``round(7 w / c) / 7 · c``: evenly spaced levels. The
-    16th bit pattern is left unused so that the grid is symmetric and contains 0.
+    This is absmax int4 quantisation, ``round(7 w / c) / 7 · c``: evenly spaced levels. Only 15
+    of the 16 bit patterns are used (-8 is left out) so that the grid is symmetric and
+    contains 0.
     """
     return torch.arange(-7, 8, dtype=torch.float32) / 7
 
 
 def fp4_codebook() -> Tensor:
-    """FP4 in the E2M1 layout (1 sign, 2 exponent, 1 mantissa bit), scaled into [-1, 1].
+    """FP4 as the OCP Microscaling (MX) specification defines it, E2M1, scaled into [-1, 1].
 
-    The 8 magnitudes are 0, 0.5 (subnormal), 1, 1.5, 2, 3, 4, 6, divided by 6; with the sign
-    bit that makes 16 bit patterns, 15 distinct values (+0 and −0 coincide). Returns the 16
-    values ascending (0 twice). bitsandbytes' FP4 differs only in its smallest non-zero
-    magnitude (0.0625/12 instead of 0.5/6).
+    E2M1 has 1 sign, 2 exponent and 1 mantissa bit (exponent bias 1). Its 8 magnitudes are
+    0, 0.5 (subnormal), 1, 1.5, 2, 3, 4, 6, divided here by 6; with the sign bit that makes
+    16 bit patterns but only 15 distinct values (+0 and −0 coincide). Returns the 16 values
+    ascending (0 twice). This is *not* bitsandbytes' ``fp4`` quant type, whose table has the
+    magnitudes 0, 0.0625, 2, 3, 4, 6, 8, 12 divided by 12: the same values except the smallest
+    non-zero one (0.0625/12 instead of 0.5/6).
     """
     magnitudes = []
     for exponent in range(4):
@@ -455,8 +469,10 @@ class LoRALinear4bit(LoRALinear):
     (A random, B = 0, s = α/r or α/√r). Gradients flow to A and B through the dequantised
     weight; ``Ŵ0`` itself receives none. A and B are fp32 when ``compute_dtype`` is 16-bit.
 
-    Merging is refused: ``Ŵ0 + s B A`` is not representable in NF4 without requantising, which
-    would add a new rounding error; use :meth:`merged_linear` for a full-precision copy.
+    Merging in place is refused: ``Ŵ0 + s B A`` is not representable in NF4 without
+    requantising, which adds a new rounding error; :func:`merge_qlora_layer` builds a merged
+    layer (into the dequantised ``Ŵ0`` in 16 bit, into the original ``W0``, or re-quantised),
+    and :meth:`merged_linear` a full-precision one.
     """
 
     def __init__(self, base: Linear4bit, r: int = 8, lora_alpha: float = 8,
@@ -476,8 +492,9 @@ class LoRALinear4bit(LoRALinear):
 
     def merge(self, safe_merge: bool = False) -> None:
         raise NotImplementedError("a 4-bit base cannot absorb s·B A without requantising (a "
-                                  "new rounding error); use merged_linear() to get a "
-                                  "full-precision nn.Linear holding Ŵ0 + s·B A")
+                                  "new rounding error); use merge_qlora(model) or "
+                                  "merge_qlora_layer(layer) for a merged copy (Ŵ0 + s·B A in "
+                                  "16 bit by default), or merged_linear() for fp32")
 
     @torch.no_grad()
     def merged_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -493,13 +510,19 @@ class LoRALinear4bit(LoRALinear):
 
 def inject_lora_4bit(model: nn.Module, config: LoraConfig, block_size: int = 64, *,
                      double_quant: bool = True,
-                     compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+                     compute_dtype: torch.dtype = torch.float32,
+                     loftq_iters: int = 0) -> nn.Module:
     """QLoRA in place: each targeted ``nn.Linear`` becomes a :class:`LoRALinear4bit`.
 
     Targets are matched as :func:`lora_edu.lora.inject_lora` matches them; QLoRA puts LoRA on
     every linear layer of the transformer blocks (e.g. ``target_modules=["q", "k", "v", "o",
     "fc1", "fc2"]``). Every target is quantised before any is replaced, so an error leaves
     ``model`` unchanged. Afterwards only LoRA weights (and biases per ``config.bias``) train.
+
+    Args:
+        loftq_iters: 0 (default) for QLoRA's standard start, ``Ŵ0 = Q(W0)`` with ``A`` random
+            and ``B = 0``; ``T >= 1`` for LoftQ's: ``Ŵ0``, ``A`` and ``B`` from
+            :func:`loftq_init` with ``T`` alternations, so that ``Ŵ0 + s·B A ≈ W0``.
 
     Returns:
         ``model`` itself.
@@ -510,14 +533,287 @@ def inject_lora_4bit(model: nn.Module, config: LoraConfig, block_size: int = 64,
         raise ValueError("fan_in_fan_out=True is not supported by inject_lora_4bit; the targets "
                          "must be nn.Linear layers")
     _check_compute_dtype(compute_dtype)
+    if isinstance(loftq_iters, bool) or not isinstance(loftq_iters, int) or loftq_iters < 0:
+        raise ValueError(f"loftq_iters must be an int >= 0 (0: QLoRA's standard start, T >= 1: "
+                         f"LoftQ with T alternations), got {loftq_iters!r}")
     names = find_targets(model, config)
-    replacements = {name: LoRALinear4bit(
-        Linear4bit.from_linear(model.get_submodule(name), block_size,
-                               double_quant=double_quant, compute_dtype=compute_dtype),
-        config.r, config.lora_alpha, config.lora_dropout, use_rslora=config.use_rslora,
-        init_lora_weights=config.init_lora_weights) for name in names}
+    replacements = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        if not loftq_iters:
+            base = Linear4bit.from_linear(linear, block_size, double_quant=double_quant,
+                                          compute_dtype=compute_dtype)
+            replacements[name] = LoRALinear4bit(
+                base, config.r, config.lora_alpha, config.lora_dropout,
+                use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+            continue
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} must be an nn.Linear for LoftQ, got {type(linear).__name__}")
+        scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        init = loftq_init(linear.weight, config.r, loftq_iters, scaling=scaling,
+                          block_size=block_size, double_quant=double_quant)
+        layer = LoRALinear4bit(Linear4bit(init.quantized, linear.bias, compute_dtype),
+                               config.r, config.lora_alpha, config.lora_dropout,
+                               use_rslora=config.use_rslora)
+        with torch.no_grad():
+            layer.lora_A.copy_(init.lora_A)
+            layer.lora_B.copy_(init.lora_B)
+        replacements[name] = layer
     for name, layer in replacements.items():
         replace_module(model, name, layer)
     model.lora_config = config
     mark_only_lora_as_trainable(model, config.bias)
+    return model
+
+
+# --------------------------------------------------------------------------- LoftQ
+
+class LoftQInit(NamedTuple):
+    """What :func:`loftq_init` returns.
+
+    Attributes:
+        quantized: the 4-bit base ``Q`` (a :class:`QuantizedTensor` shaped like ``W``, d×k).
+        lora_A: (r×k) fp32, ``√Σ_r V_rᵀ / √s``.
+        lora_B: (d×r) fp32, ``U_r √Σ_r / √s``; so ``s·B A`` is the rank-r SVD of ``W − Q``.
+        errors: ``‖W − (Q_t + s·B_t A_t)‖_F`` after each alternation ``t = 1..T``.
+        quantization_error: ``‖W − Q(W)‖_F``, QLoRA's standard start (``B = 0``), for scale.
+    """
+
+    quantized: QuantizedTensor
+    lora_A: Tensor
+    lora_B: Tensor
+    errors: list[float]
+    quantization_error: float
+
+
+@torch.no_grad()
+def loftq_init(W: Tensor, r: int, num_iters: int = 1, *, scaling: float = 1.0,
+               block_size: int = 64, double_quant: bool = False,
+               double_quant_block_size: int = 256,
+               codebook: Tensor | None = None) -> LoftQInit:
+    r"""LoftQ's initialisation (Li et al., 2024, Algorithm 1) of a 4-bit base and its adapter.
+
+    QLoRA starts from ``Q = Q(W)`` and ``B = 0``, so the model it trains begins off by the
+    whole quantisation error ``W − Q``. LoftQ chooses ``Q`` and a rank-r ``L = s·B A`` to make
+    ``‖W − (Q + L)‖_F`` small, by alternating, from ``L_0 = 0``, for ``t = 1..T``:
+
+    .. math::  Q_t = \mathrm{NF4}(W - L_{t-1}), \qquad
+               L_t = \mathrm{SVD}_r(W - Q_t) = U_r \Sigma_r V_r^\top
+
+    (the best rank-r approximation of the residual, :func:`lora_edu.linalg.truncated_svd`).
+    The singular values are split evenly between the factors, ``B = U_r √Σ_r / √s`` and
+    ``A = √Σ_r V_rᵀ / √s``, so that the layer's ``s·B A`` equals ``L_T`` for the scaling ``s``
+    it will use (PEFT's ``loftq_init`` returns the factors for ``s = 1``). With ``T = 1``,
+    ``Q`` is plain ``Q(W)`` and only the adapter differs from QLoRA's start.
+
+    Args:
+        W: (d×k) floating-point weight; not modified.
+        r: the adapter's rank, ``1 <= r <= min(d, k)``.
+        num_iters: ``T >= 1`` alternations.
+        scaling: the LoRA scaling ``s`` (α/r, or α/√r with rsLoRA) the factors are meant for.
+        block_size, double_quant, double_quant_block_size, codebook: as in
+            :func:`quantize_blockwise` (default codebook NF4).
+
+    Returns:
+        A :class:`LoftQInit`: ``Q_T`` (dtype that of ``W``), ``A`` (r×k), ``B`` (d×r) in fp32,
+        the error after each alternation and the plain quantisation error.
+
+    Raises:
+        TypeError: ``W`` is not a 2-D floating-point tensor; ``r`` or ``num_iters`` not ints.
+        ValueError: ``r`` outside ``[1, min(d, k)]``; ``num_iters < 1``; ``scaling`` not a
+            positive finite number; ``W`` empty or non-finite.
+    """
+    if not isinstance(W, Tensor) or W.dim() != 2:
+        raise TypeError("W must be a 2-D (d×k) torch.Tensor, e.g. linear.weight; got "
+                        f"{type(W).__name__} with shape {tuple(getattr(W, 'shape', ()))}")
+    _check_weight(W)
+    r = _check_rank(r, W)
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
+        raise TypeError(f"num_iters must be an int, got {type(num_iters).__name__}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1 (one quantisation and one SVD at least), got "
+                         f"{num_iters}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) \
+            or not math.isfinite(scaling) or scaling <= 0:
+        raise ValueError(f"scaling must be a positive finite number (the layer's α/r), got "
+                         f"{scaling!r}")
+    codebook = nf4_codebook() if codebook is None else codebook
+    target = W.detach().float()
+
+    def quantize(M: Tensor) -> QuantizedTensor:
+        return quantize_blockwise(M, codebook, block_size, double_quant=double_quant,
+                                  double_quant_block_size=double_quant_block_size)
+
+    plain = float(torch.linalg.matrix_norm(target - quantize(target).dequantize()))
+    low_rank = torch.zeros_like(target)
+    errors: list[float] = []
+    for _ in range(num_iters):
+        q = quantize(target - low_rank)
+        residual = target - q.dequantize(torch.float32)
+        U, S, Vh = truncated_svd(residual, r)
+        low_rank = (U * S) @ Vh
+        errors.append(float(torch.linalg.matrix_norm(residual - low_rank)))
+    root = (S / scaling).sqrt()
+    return LoftQInit(replace(q, dtype=W.dtype), (root[:, None] * Vh).contiguous(),
+                     (U * root).contiguous(), errors, plain)
+
+
+def _check_rank(r: Any, W: Tensor) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if not 1 <= r <= min(W.shape):
+        raise ValueError(f"r must satisfy 1 <= r <= min(d, k) = {min(W.shape)} for a "
+                         f"{W.shape[0]}×{W.shape[1]} weight, got r={r}")
+    return r
+
+
+# --------------------------------------------------------------------------- merging
+
+#: Where :func:`merge_qlora_layer` can put ``s·B A``.
+QLORA_MERGES = ("dequantized", "original", "requantized")
+
+
+@torch.no_grad()
+def merge_qlora_layer(layer: LoRALinear4bit, into: str = "dequantized", *,
+                      original_weight: Tensor | None = None,
+                      dtype: torch.dtype | None = None) -> nn.Module:
+    """A new layer with a QLoRA adapter merged in; ``layer`` is left untouched.
+
+    The adapter was trained against the 4-bit base ``Ŵ0 = dequant(Q(W0))``; the sum is always
+    formed in fp32 and then stored as ``into`` says:
+
+    * ``"dequantized"``: ``nn.Linear`` with ``W = Ŵ0 + s·B A`` in ``dtype`` (default
+      ``torch.bfloat16``: the 16-bit model the adapter was trained with, up to rounding);
+    * ``"original"``: ``nn.Linear`` with ``W = W0 + s·B A``, ``W0 = original_weight`` (d×k, the
+      unquantised weight), in ``dtype`` (default ``original_weight``'s);
+    * ``"requantized"``: :class:`Linear4bit` holding ``Q(Ŵ0 + s·B A)`` with the base's codebook,
+      block size, double quantisation and compute dtype (``dtype`` must be ``None``): 4-bit
+      storage again, at the price of a second rounding.
+
+    The bias (never quantised) is copied as it is.
+
+    Raises:
+        TypeError: ``layer`` is not a :class:`LoRALinear4bit`; ``original_weight`` not a tensor.
+        ValueError: unknown ``into``; ``original_weight`` missing, of the wrong shape or given
+            where it is not used; a ``dtype`` that is not floating point, or given with
+            ``"requantized"``.
+    """
+    if not isinstance(layer, LoRALinear4bit):
+        raise TypeError(f"layer must be a LoRALinear4bit (a QLoRA layer), got "
+                        f"{type(layer).__name__}; a full-precision LoRALinear merges with "
+                        f".merge()")
+    _check_merge_args(into, dtype, layer.base.compute_dtype)
+    if into == "original":
+        if original_weight is None:
+            raise ValueError("into='original' needs original_weight, the unquantised W0 "
+                             f"({layer.out_features}×{layer.in_features})")
+        if not isinstance(original_weight, Tensor) or not original_weight.is_floating_point():
+            raise TypeError("original_weight must be a floating-point tensor (the unquantised "
+                            f"W0), got {type(original_weight).__name__}")
+        if original_weight.shape != (layer.out_features, layer.in_features):
+            raise ValueError(f"original_weight has shape {tuple(original_weight.shape)}, the "
+                             f"layer's W0 is {layer.out_features}×{layer.in_features}")
+    elif original_weight is not None:
+        raise ValueError(f"original_weight is only used with into='original', not {into!r}")
+    base: Linear4bit = layer.base
+    delta = layer.delta_weight().float()
+    if into == "requantized":
+        stored = base.quantized_weight
+        dq = stored.absmax.block_size if isinstance(stored.absmax, DoubleQuantizedAbsmax) \
+            else 256
+        merged = stored.dequantize(torch.float32).to(delta.device) + delta
+        q = quantize_blockwise(merged, stored.codebook, stored.block_size,
+                               double_quant=base.double_quant, double_quant_block_size=dq)
+        return Linear4bit(replace(q, dtype=stored.dtype), base.bias, base.compute_dtype)
+    if into == "original":
+        W0 = original_weight.detach().to(delta.device, torch.float32)
+        dtype = dtype or original_weight.dtype
+    else:
+        W0 = base.quantized_weight.dequantize(torch.float32).to(delta.device)
+        dtype = dtype or torch.bfloat16
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                       device=delta.device, dtype=dtype)
+    linear.weight.copy_(W0 + delta)
+    if base.bias is not None:
+        linear.bias.copy_(base.bias)
+    return linear.requires_grad_(False)
+
+
+def _check_merge_args(into: Any, dtype: Any, compute_dtype: torch.dtype) -> None:
+    if into not in QLORA_MERGES:
+        raise ValueError(f"into must be one of {QLORA_MERGES}, got {into!r}")
+    if dtype is None:
+        return
+    if into == "requantized":
+        raise ValueError("dtype is not used with into='requantized' (the result is 4-bit, "
+                         f"computed in the base's compute_dtype {compute_dtype}); pass None")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, e.g. torch.bfloat16, "
+                         f"got {dtype!r}")
+
+
+def merge_qlora(model: nn.Module, into: str = "dequantized", *,
+                original: nn.Module | dict[str, Tensor] | None = None,
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge every :class:`LoRALinear4bit` of ``model`` in place, as :func:`merge_qlora_layer`.
+
+    Each QLoRA layer is replaced by its merged layer (``nn.Linear`` or, with
+    ``into="requantized"``, :class:`Linear4bit`); the adapters are gone afterwards.
+
+    Args:
+        into: ``"dequantized"``, ``"original"`` or ``"requantized"`` (see
+            :func:`merge_qlora_layer`).
+        original: for ``into="original"``, where the unquantised ``W0`` come from: the
+            full-precision model (an ``nn.Module`` with an ``nn.Linear`` under each QLoRA
+            layer's name) or a mapping ``name -> W0`` (d×k).
+        dtype: the merged weights' dtype (see :func:`merge_qlora_layer`).
+
+    Every merged layer is built before any is put in place, so an error leaves ``model``
+    unchanged.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: ``model`` has no QLoRA layer; bad ``into`` or ``dtype``; ``original``
+            missing a layer (also the errors of :func:`merge_qlora_layer`).
+        TypeError: ``original`` is neither a module nor a mapping.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)]
+    if not layers:
+        raise ValueError("model has no LoRALinear4bit layer to merge; put QLoRA in with "
+                         "inject_lora_4bit first (full-precision LoRA: lora.merge_and_unload)")
+    if original is not None and into != "original":
+        raise ValueError(f"original is only used with into='original', not {into!r}")
+    if into == "original" and original is None:
+        raise ValueError("into='original' needs original=, the unquantised model (or a "
+                         "mapping from layer name to W0)")
+    if original is not None and not isinstance(original, (nn.Module, dict)):
+        raise TypeError(f"original must be an nn.Module or a dict name -> W0, got "
+                        f"{type(original).__name__}")
+    merged = {}
+    for name, layer in layers:
+        weight = None
+        if isinstance(original, nn.Module):
+            try:
+                source = original.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"original has no module {name!r}; pass the unquantised "
+                                 f"model the QLoRA model was built from") from None
+            if not isinstance(source, nn.Linear):
+                raise ValueError(f"original's {name!r} is a {type(source).__name__}, not the "
+                                 f"nn.Linear holding W0")
+            weight = source.weight
+        elif isinstance(original, dict):
+            if name not in original:
+                raise ValueError(f"original has no weight for {name!r}; it holds "
+                                 f"{sorted(original)[:4]}...")
+            weight = original[name]
+        merged[name] = merge_qlora_layer(layer, into, original_weight=weight, dtype=dtype)
+    for name, layer in merged.items():
+        replace_module(model, name, layer)
+    if "lora_config" in vars(model):
+        del model.lora_config
     return model
