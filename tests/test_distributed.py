@@ -1,0 +1,183 @@
+"""lora_edu.distributed: LoRA under DDP and FSDP2, in 2 real gloo processes on the CPU.
+
+One spawn of 2 processes runs :mod:`lora_edu.distributed_run` on the tiny GPT and on a tiny
+random ``LlamaForCausalLM`` (no hub); the processes write JSON and safetensors files, and the
+assertions here read them: DDP's and FSDP2's gradients and AdamW step equal one process on the
+combined batch (to 1e-6, while rank 0's own slice alone is off by more), the DDP hook's byte
+count equals ``allreduce_bytes``, the sharded ``lora_state_dict`` equals the unsharded one, and
+the adapter saved from the sharded model loads in PEFT and computes what ours does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_edu.adapters import WEIGHTS_NAME, save_adapter
+from lora_edu.distributed import (allreduce_bytes, lora_state_dict, shard_lora_model,
+                                  single_process_group, step_traffic, training_bytes)
+from lora_edu.distributed_run import build_base, logits_of, spawn, with_lora
+from lora_edu.lora import LoraConfig, inject_lora
+from lora_edu.models import GPT, gpt_config
+
+MODELS = ("gpt-tiny", "llama-tiny")
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("dist")
+    spawn([["--out", str(out / f"{m}.json"), "--model", m, "--batch", "2", "--seq", "16",
+            "--r", "4"] for m in MODELS], world=2)
+    return {m: json.loads((out / f"{m}.json").read_text()) for m in MODELS}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("engine", ["ddp_lora", "fsdp_lora"])
+def test_gradients_and_step_equal_one_process(runs: dict, model: str, engine: str) -> None:
+    res = runs[model]
+    assert res["world_size"] == 2
+    assert res["slice_only_grad_max_diff"] > 100 * TOL  # the check below can fail
+    assert res[engine]["grad_max_diff"] <= TOL
+    assert res[engine]["param_max_diff_after_step"] <= TOL
+    assert abs(res[engine]["loss_mean_over_ranks"] - res["reference_loss"]) <= 1e-5
+    assert res[engine]["frozen_params_without_grad"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_hook_bytes_equal_allreduce_bytes(runs: dict, model: str) -> None:
+    res = runs[model]
+    for engine in ("ddp_lora", "ddp_full"):
+        assert res[engine]["hook_bytes"] == res[engine]["allreduce_bytes"] > 0
+    assert res["ddp_lora"]["allreduce_bytes"] == 4 * res["params_trainable_lora"]
+    assert res["ddp_full"]["allreduce_bytes"] == 4 * res["ddp_full"]["params_trainable"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fsdp_shards_everything_in_halves(runs: dict, model: str) -> None:
+    res = runs[model]
+    assert res["fsdp_lora"]["params_are_dtensors"]
+    for sharded, one in (("fsdp_lora", "one_rank_lora_bytes"), ("fsdp_full", "one_rank_full_bytes")):
+        ranks = res[sharded]["per_rank_bytes"]
+        for key in ("params", "grads", "optimizer"):
+            assert sum(r[key] for r in ranks) == res[one][key]
+            assert max(r[key] for r in ranks) < res[one][key]
+    # The formulas of the chapter's "on paper" section, in float32 as measured.
+    n_lora = res["params_trainable_lora"]
+    n_base = res["params_total"] - n_lora
+    for method, sharded in (("lora", "fsdp_lora"), ("full", "fsdp_full")):
+        paper = training_bytes(n_base, n_lora, method, "fsdp", 2, precision="fp32")
+        measured = res[sharded]["per_rank_bytes"][0]
+        assert paper["weights"] == measured["params"]
+        assert paper["grads"] == measured["grads"]
+        assert paper["optimizer"] == measured["optimizer"]
+    assert step_traffic(n_base, n_lora, "lora", "ddp", 2, "fp32") == \
+        res["ddp_lora"]["hook_bytes"]  # 2(N-1)/N = 1 at N = 2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_sharded_state_dict_equals_unsharded(runs: dict, model: str) -> None:
+    res = runs[model]
+    files = Path(res["files"])
+    sharded = load_file(str(files / "lora_state_sharded.safetensors"))
+    unsharded = load_file(str(files / "lora_state_unsharded.safetensors"))
+    assert sharded.keys() == unsharded.keys() and len(sharded) == 2 * res["lora_layers"]
+    for key in sharded:
+        assert torch.equal(sharded[key], unsharded[key]), key
+    assert res["fsdp_lora"]["merged_logits_max_diff"] <= 1e-4
+    assert not res["fsdp_lora"]["merged_has_lora"]
+
+
+def test_adapter_saved_from_sharded_model_loads_in_peft(runs: dict) -> None:
+    peft = pytest.importorskip("peft")
+    res = runs["llama-tiny"]
+    state = load_file(str(Path(res["files"]) / "lora_state_sharded.safetensors"))
+    base, targets, vocab = build_base("llama-tiny", 0)
+    ours = with_lora(copy.deepcopy(base), targets, res["r"], 0)
+    ours.load_state_dict(state, strict=False)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), res["peft_adapter_dir"])
+    x = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = logits_of(base, x)
+        mine, peft_out = logits_of(ours, x), logits_of(theirs, x)
+    assert (mine - plain).abs().max() > 1e-4  # the adapter does change the output
+    torch.testing.assert_close(peft_out, mine, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def lora_gpt(**config: object) -> GPT:
+    torch.manual_seed(0)
+    return inject_lora(GPT(gpt_config("tiny")), LoraConfig(r=4, target_modules=["q", "v"],
+                                                           **config))
+
+
+def test_lora_state_dict_has_save_adapter_keys(tmp_path: Path) -> None:
+    for bias in ("none", "lora_only", "all"):
+        model = lora_gpt(bias=bias)
+        save_adapter(model, tmp_path / bias)
+        saved = load_file(str(tmp_path / bias / WEIGHTS_NAME))
+        state = lora_state_dict(model)
+        assert state.keys() == saved.keys()
+        assert all(torch.equal(state[k], saved[k]) and state[k].device.type == "cpu"
+                   for k in saved)
+
+
+def test_allreduce_bytes_counts_trainable_parameters() -> None:
+    model = lora_gpt()
+    assert allreduce_bytes(model) == 4 * sum(p.numel() for p in model.parameters()
+                                             if p.requires_grad)
+    assert allreduce_bytes(GPT(gpt_config("tiny"))) == 4 * sum(
+        p.numel() for p in GPT(gpt_config("tiny")).parameters())
+
+
+def test_shard_needs_a_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard_lora_model(lora_gpt())
+
+
+def test_shard_refuses_a_model_without_lora() -> None:
+    with single_process_group(), pytest.raises(ValueError, match="no LoRA layers"):
+        shard_lora_model(GPT(gpt_config("tiny")))
+    with pytest.raises(ValueError, match="no LoRA"):
+        lora_state_dict(GPT(gpt_config("tiny")))
+
+
+def test_shard_refuses_mixed_trainable_dtypes_and_changes_nothing() -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    torch.manual_seed(0)
+    model = inject_lora(GPT(gpt_config("tiny")).to(torch.bfloat16),
+                        LoraConfig(r=4, target_modules=["q", "v"], bias="lora_only"))
+    with single_process_group():
+        with pytest.raises(ValueError, match=r"blocks\.0 mixes.*blocks\.0\.attn\.q\.base\.bias"
+                                             r".*p\.data = p\.data\.float\(\)"):
+            shard_lora_model(model)
+        assert not any(isinstance(m, FSDPModule) for m in model.modules())
+        for p in model.parameters():  # the fix from the message
+            if p.requires_grad:
+                p.data = p.data.float()
+        shard_lora_model(model)  # a frozen bf16 base with fp32 trainables is fine
+        assert isinstance(model, FSDPModule)
+        with pytest.raises(ValueError, match="already sharded"):
+            shard_lora_model(model)
+
+
+def test_paper_formulas() -> None:
+    p, t = 7_000_000_000, 40_000_000
+    full = training_bytes(p, t, "full", "ddp", 8)
+    assert full["total"] == 16 * p
+    assert training_bytes(p, t, "full", "fsdp", 8)["total"] == 2 * p
+    assert training_bytes(p, t, "lora", "ddp", 1)["total"] == 2 * p + 16 * t
+    assert training_bytes(p, t, "qlora", "fsdp", 2)["weights"] < training_bytes(
+        p, t, "lora", "fsdp", 2)["weights"] / 3
+    assert step_traffic(p, t, "lora", "ddp", 1) == 0
+    assert step_traffic(p, t, "lora", "fsdp", 8) > step_traffic(p, t, "lora", "ddp", 8)
+    with pytest.raises(ValueError, match="method"):
+        training_bytes(p, t, "dora", "ddp", 2)
