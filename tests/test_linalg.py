@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from lora_edu.linalg import (
     as_matrix, default_tolerance, eckart_young_error, energy_curve, exact_rank, factorise,
+    factorisation_loss,
     dense_params, init_factors, lora_paper_params, lora_params, low_rank_approx,
     numerical_rank, rank_for_energy, singular_values, truncated_svd,
 )
@@ -204,6 +205,52 @@ def test_factorise_is_seeded_and_leaves_global_rng_alone():
     a, b = factorise(W, 2, steps=5, seed=3), factorise(W, 2, steps=5, seed=3)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert torch.equal(a.A, b.A) and a.losses == b.losses
+
+
+def test_factorise_from_a_given_start_matches_the_equivalent_init():
+    W = gaussian(6, 5, 2)
+    B0, A0 = init_factors(6, 5, 2, "lora", seed=7, dtype=torch.float64)
+    kept = (B0.clone(), A0.clone())
+    a = factorise(W, 2, steps=15, lr=0.05, seed=7)
+    b = factorise(W, 2, steps=15, lr=0.05, start=(B0, A0))
+    assert a.losses == b.losses and torch.equal(a.B, b.B)
+    assert torch.equal(B0, kept[0]) and torch.equal(A0, kept[1])  # start not modified
+    # a start with a zero product but both factors non-zero: C(A0) ⊆ N(B0)
+    B1 = gaussian(6, 2, 3)
+    B1[:, 1] = 0.0
+    A1 = torch.zeros(2, 5, dtype=torch.float64)
+    A1[1] = 1.0
+    assert not (B1 @ A1).any()
+    fit = factorise(W, 2, steps=200, lr=0.05, start=(B1, A1))
+    assert fit.losses[-1] < 0.5 * fit.losses[0]
+    with pytest.raises(ValueError, match="shapes"):
+        factorise(W, 2, start=(B1.T, A1))
+    with pytest.raises(TypeError, match="pair of tensors"):
+        factorise(W, 2, start=B1)  # type: ignore[arg-type]
+
+
+def test_factorise_lr_lambda_scales_the_step():
+    W = gaussian(5, 4, 4)
+    frozen = factorise(W, 2, steps=10, lr=0.1, lr_lambda=lambda t: 0.0)
+    moving = factorise(W, 2, steps=10, lr=0.1, lr_lambda=lambda t: 1.0)
+    plain = factorise(W, 2, steps=10, lr=0.1)
+    assert len(set(frozen.losses)) == 1            # a zero multiplier never moves
+    assert moving.losses == plain.losses
+    with pytest.raises(TypeError, match="lr_lambda"):
+        factorise(W, 2, lr_lambda=0.5)  # type: ignore[arg-type]
+
+
+def test_factorise_snapshots_are_the_factors_at_those_steps():
+    W = gaussian(5, 4, 5)
+    fit = factorise(W, 2, steps=12, lr=0.05, snapshots=[0, 5, 12])
+    assert sorted(fit.snapshots) == [0, 5, 12]
+    B5, A5 = fit.snapshots[5]
+    assert float(factorisation_loss(B5, A5, W)) == pytest.approx(fit.losses[5], rel=1e-12)
+    B12, A12 = fit.snapshots[12]
+    assert torch.equal(B12, fit.B) and torch.equal(A12, fit.A)
+    assert not fit.snapshots[0][0].any()               # LoRA's start: B = 0
+    with pytest.raises(ValueError, match="snapshots"):
+        factorise(W, 2, steps=3, snapshots=[4])
 
 
 # --------------------------------------------------------------------------- counting

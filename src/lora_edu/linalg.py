@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Callable, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -143,11 +143,15 @@ def singular_values(W: MatrixLike) -> torch.Tensor:
 
 
 def default_tolerance(W: MatrixLike, sigma: torch.Tensor | None = None) -> float:
-    """The tolerance below which a singular value counts as zero: ``σ_max · max(d, k) · ε``.
+    """The tolerance below which a singular value counts as zero: ``τ = σ_1 · max(d, k) · ε``.
 
-    ``ε`` is the machine epsilon of ``W``'s dtype. This is the rule of NumPy's ``matrix_rank``
-    and of ``torch.linalg.matrix_rank``: the SVD of a floating-point matrix is exact only up
-    to a backward error of about ``ε·‖W‖₂`` per entry, so smaller singular values are noise.
+    ``ε`` is the machine epsilon of ``W``'s dtype (``W`` is d×k, ``σ_1 = ‖W‖₂``). This is the
+    rule of NumPy's ``matrix_rank`` and of ``torch.linalg.matrix_rank``. Why it works: the
+    SVD is backward stable, so the singular values it returns are the exact singular values
+    of ``W + E`` for some ``E`` with ``‖E‖₂ ≤ c · ε · σ_1``, ``c`` a modest function of ``d``
+    and ``k``; and Weyl's inequality ``|σ_i(W + E) − σ_i(W)| ≤ ‖E‖₂`` (for every ``i``) bounds
+    how far that moves each singular value. A matrix of exact rank ``r`` therefore comes back
+    with ``σ_{r+1}, σ_{r+2}, … ≤ c · ε · σ_1``; ``τ`` takes ``c = max(d, k)``.
     """
     W = as_matrix(W)
     s = torch.linalg.svdvals(W) if sigma is None else sigma
@@ -246,12 +250,15 @@ class Factorisation:
 
     ``losses[0]`` is the loss at the initialisation, ``losses[t]`` after ``t`` steps, with
     ``loss = ½‖BA − W‖_F²``. ``floor`` is the Eckart–Young optimum ``½ Σ_{i>r} σ_i²``.
+    ``snapshots[t]`` is ``(B, A)`` after ``t`` steps, for the steps asked for.
     """
 
     B: torch.Tensor
     A: torch.Tensor
     losses: list[float] = field(repr=False)
     floor: float
+    snapshots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict,
+                                                                   repr=False)
 
     @property
     def product(self) -> torch.Tensor:
@@ -291,7 +298,10 @@ def init_factors(d: int, k: int, r: int, init: Literal["lora", "small", "zero"] 
 
 def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
               optimizer: Literal["gd", "adam"] = "gd", init: Literal["lora", "small", "zero"]
-              = "lora", init_scale: float = 1.0, seed: int = 0) -> Factorisation:
+              = "lora", init_scale: float = 1.0, seed: int = 0,
+              start: tuple[torch.Tensor, torch.Tensor] | None = None,
+              lr_lambda: Callable[[int], float] | None = None,
+              snapshots: Sequence[int] = ()) -> Factorisation:
     """Fit ``min_{B,A} ½‖BA − W‖_F²`` with ``B ∈ R^{d×r}``, ``A ∈ R^{r×k}`` by gradient steps.
 
     Args:
@@ -302,10 +312,15 @@ def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
             a balanced optimum the largest curvature is about ``‖A‖₂² + ‖B‖₂² ≈ 2σ_1``.
         optimizer: ``"gd"`` (``torch.optim.SGD`` without momentum) or ``"adam"``.
         init, init_scale, seed: passed to :func:`init_factors` (LoRA's start by default).
+        start: optional starting factors ``(B0, A0)`` of shapes (d×r, r×k), used instead of
+            ``init`` (copied, never modified).
+        lr_lambda: optional multiplier of ``lr`` by step, ``lr_t = lr · lr_lambda(t)``
+            (``torch.optim.lr_scheduler.LambdaLR``), e.g. a decay.
+        snapshots: steps ``t`` (``0 ≤ t ≤ steps``) at which to keep copies of ``(B, A)``.
 
     Returns:
         A :class:`Factorisation` with ``B``, ``A`` (detached), the loss history
-        (``steps + 1`` values) and the Eckart–Young floor.
+        (``steps + 1`` values), the Eckart–Young floor and the requested snapshots.
     """
     W = as_matrix(W).detach()
     r = _check_rank(r, W)
@@ -314,22 +329,48 @@ def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
     init_scale = _check_positive_float(init_scale, "init_scale", allow_zero=True)
     if optimizer not in ("gd", "adam"):
         raise ValueError(f"optimizer must be 'gd' or 'adam', got {optimizer!r}")
-    B0, A0 = init_factors(W.shape[0], W.shape[1], r, init, init_scale, seed, W.dtype)
+    if lr_lambda is not None and not callable(lr_lambda):
+        raise TypeError(f"lr_lambda must be a callable step -> factor, got "
+                        f"{type(lr_lambda).__name__}")
+    wanted = sorted({int(t) for t in snapshots})
+    if wanted and not 0 <= wanted[0] <= wanted[-1] <= steps:
+        raise ValueError(f"snapshots must lie in [0, steps] = [0, {steps}], got {wanted}")
+    if start is None:
+        B0, A0 = init_factors(W.shape[0], W.shape[1], r, init, init_scale, seed, W.dtype)
+    else:
+        if not (isinstance(start, (tuple, list)) and len(start) == 2
+                and all(isinstance(t, torch.Tensor) for t in start)):
+            raise TypeError("start must be a pair of tensors (B0, A0)")
+        B0, A0 = start
+        expected = ((W.shape[0], r), (r, W.shape[1]))
+        if (tuple(B0.shape), tuple(A0.shape)) != expected:
+            raise ValueError(f"start must have shapes B0 {expected[0]} and A0 {expected[1]} "
+                             f"(d×r, r×k), got {tuple(B0.shape)} and {tuple(A0.shape)}")
+        B0, A0 = B0.detach().clone().to(W.dtype), A0.detach().clone().to(W.dtype)
     B = B0.to(W.device).requires_grad_()
     A = A0.to(W.device).requires_grad_()
     opt_cls = torch.optim.SGD if optimizer == "gd" else torch.optim.Adam
     opt = opt_cls([B, A], lr=lr)
-    losses = []
-    for _ in range(steps):
+    schedule = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+                if lr_lambda is not None else None)
+    losses, kept = [], {}
+    for t in range(steps):
+        if t in wanted:
+            kept[t] = (B.detach().clone(), A.detach().clone())
         opt.zero_grad()
         loss = factorisation_loss(B, A, W)
         losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
     with torch.no_grad():
         losses.append(float(factorisation_loss(B, A, W)))
+    if steps in wanted:
+        kept[steps] = (B.detach().clone(), A.detach().clone())
     floor = 0.5 * eckart_young_error(W, r, "fro") ** 2
-    return Factorisation(B=B.detach(), A=A.detach(), losses=losses, floor=floor)
+    return Factorisation(B=B.detach(), A=A.detach(), losses=losses, floor=floor,
+                         snapshots=kept)
 
 
 # --------------------------------------------------------------------------- counting
