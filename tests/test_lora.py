@@ -457,3 +457,110 @@ def test_all_linear_refuses_a_second_injection():
     model = inject_lora(GPT(gpt_config("tiny")), LoraConfig(r=2, target_modules="all-linear"))
     with pytest.raises(ValueError, match="already has LoRA"):
         inject_lora(model, LoraConfig(r=2, target_modules="all-linear"))
+
+
+# --------------------------------------------------------------------------- variant registry
+
+def test_lora_module_never_imports_variants() -> None:
+    """Dependencies point one way: variants build on lora, lora only looks them up by name."""
+    import ast
+    import inspect
+
+    import lora_edu.lora as lora_mod
+
+    tree = ast.parse(inspect.getsource(lora_mod))
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names]
+    imported += [f"{node.module}.{alias.name}" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) for alias in node.names]
+    assert imported and not [m for m in imported if "variants" in m], imported
+
+
+@pytest.mark.parametrize("option, built", [
+    ("use_dora=True", "type(model.q).__name__ == 'DoRALinear'"),
+    ("init_lora_weights='pissa'", "torch.allclose(model(x), before, atol=1e-5)"),
+])
+def test_variant_options_work_without_importing_variants_first(option: str, built: str) -> None:
+    """In a fresh interpreter, LoraConfig(...) finds the variant through the registry."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, torch
+from torch import nn
+from lora_edu.lora import LoraConfig, inject_lora
+assert "lora_edu.variants" not in sys.modules, "importing lora must not import variants"
+torch.manual_seed(0)
+model = nn.Sequential()
+model.q = nn.Linear(6, 5)
+x = torch.randn(3, 6)
+before = model(x)
+model = inject_lora(model, LoraConfig(r=2, target_modules=["q"], {option}))
+assert "lora_edu.variants" in sys.modules
+assert {built}
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch):
+    """lora_edu.lora with its registries copied, so a test's registrations do not leak."""
+    import lora_edu.lora as lora_mod
+
+    lora_mod.get_layer_class("dora")  # the built-ins are registered before the copy
+    monkeypatch.setattr(lora_mod, "_INIT_METHODS", dict(lora_mod._INIT_METHODS))
+    monkeypatch.setattr(lora_mod, "_LAYER_CLASSES", dict(lora_mod._LAYER_CLASSES))
+    return lora_mod
+
+
+def test_registered_init_method_is_called_and_its_check_refuses_before_any_change(
+        registry) -> None:
+    calls = []
+
+    def ones_init(layer: LoRALinear) -> None:
+        calls.append(layer)
+        with torch.no_grad():
+            layer.lora_A.fill_(1.0)
+            layer.lora_B.fill_(0.0)
+
+    def at_most_2(r: int, shape: tuple[int, ...], where: str) -> None:
+        if r > 2:
+            raise ValueError(f"ones-init needs r <= 2 for {where}, got r={r}")
+
+    registry.register_init_method("ones", ones_init, check=at_most_2)
+    assert "ones" in registry.init_options()
+    model = inject_lora(tiny_model(), LoraConfig(r=2, init_lora_weights="ones"))
+    assert len(calls) == 4 and all(torch.all(layer.lora_A == 1) for layer in calls)
+    untouched = tiny_model()
+    with pytest.raises(ValueError, match="ones-init needs r <= 2 for target module '0.q'"):
+        inject_lora(untouched, LoraConfig(r=3, init_lora_weights="ones"))
+    assert not list(lora_layers(untouched))
+
+
+def test_registered_layer_class_is_built(registry) -> None:
+    class Scaled(LoRALinear):
+        pass
+
+    registry.register_layer_class("dora", Scaled, replace=True)
+    model = inject_lora(tiny_model(), LoraConfig(r=2, use_dora=True))
+    assert all(type(layer) is Scaled for _, layer in lora_layers(model))
+
+
+def test_registry_refuses_bad_registrations(registry) -> None:
+    with pytest.raises(ValueError, match="LoRA's own initialisation"):
+        registry.register_init_method("gaussian", lambda layer: None)
+    with pytest.raises(ValueError, match="'pissa' is already registered.*replace=True"):
+        registry.register_init_method("pissa", lambda layer: None)
+    with pytest.raises(TypeError, match="subclass lora_edu.lora.LoRALinear"):
+        registry.register_layer_class("plain", nn.Linear)
+    with pytest.raises(TypeError, match="callable"):
+        registry.register_init_method("x", "not a function")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no layer variant named 'vera'"):
+        registry.get_layer_class("vera")
+    # The built-in error message is unchanged by the registry.
+    with pytest.raises(ValueError, match=r"must be one of \(True, False, 'gaussian', 'pissa'\)"):
+        LoraConfig(init_lora_weights="svd")

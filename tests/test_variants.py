@@ -170,17 +170,92 @@ def lora_model() -> nn.Module:
     return model
 
 
-def test_loraplus_groups_give_B_ratio_times_lr() -> None:
+def test_loraplus_groups_give_B_and_1d_params_ratio_times_lr() -> None:
     model = lora_model()
     groups = {g["name"]: g for g in loraplus_param_groups(model, lr=1e-3, ratio=16)}
-    assert set(groups) == {"lora_A", "lora_B"}
-    assert groups["lora_B"]["lr"] == pytest.approx(16e-3) and groups["lora_A"]["lr"] == 1e-3
-    assert {id(p) for p in groups["lora_B"]["params"]} == {id(model.q.lora_B), id(model.v.lora_B)}
-    assert {id(p) for p in groups["lora_A"]["params"]} == \
-        {id(model.q.lora_A), id(model.v.lora_A), id(model.v.magnitude)}
+    assert set(groups) == {"groupA", "groupB"}
+    assert groups["groupB"]["lr"] == pytest.approx(16e-3) and groups["groupA"]["lr"] == 1e-3
+    # DoRA's magnitude is 1-D, so it moves with B, as in PEFT.
+    assert {id(p) for p in groups["groupB"]["params"]} == \
+        {id(model.q.lora_B), id(model.v.lora_B), id(model.v.magnitude)}
+    assert {id(p) for p in groups["groupA"]["params"]} == {id(model.q.lora_A), id(model.v.lora_A)}
 
 
-def test_loraplus_matches_peft_optimizer_learning_rates() -> None:
+class WithNorm(nn.Module):
+    """Two adapted layers with biases, a LayerNorm and a linear layer that LoRA leaves alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(12, 10)
+        self.ln = nn.LayerNorm(10)
+        self.v = nn.Linear(10, 12)
+        self.o = nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.v(self.ln(self.q(x))))
+
+
+def with_norm(ours: bool, dora: bool) -> nn.Module:
+    """The same model under lora_edu or PEFT, every bias trainable (``bias="all"``), plus the
+    LayerNorm's weight and the un-adapted ``o.weight`` (as ``modules_to_save`` would)."""
+    from lora_edu.lora import LoraConfig, inject_lora
+
+    seed_all(0)
+    kwargs = {"r": 2, "lora_alpha": 4, "target_modules": ["q", "v"], "bias": "all",
+              "use_dora": dora}
+    model = (inject_lora(WithNorm(), LoraConfig(**kwargs)) if ours
+             else peft.get_peft_model(WithNorm(), peft.LoraConfig(**kwargs)))
+    for name, p in model.named_parameters():
+        if name.endswith(("ln.weight", "o.weight")):
+            p.requires_grad_(True)
+    return model
+
+
+def peft_name(name: str) -> str:
+    """PEFT's parameter name → lora_edu's.
+
+    ``base_model.model.q.lora_A.default.weight`` → ``q.lora_A``,
+    ``...q.lora_magnitude_vector.default.weight`` → ``q.magnitude``."""
+    name = name.removeprefix("base_model.model.").replace(".default", "")
+    name = name.replace("base_layer.", "base.").replace("lora_magnitude_vector.weight",
+                                                        "magnitude")
+    return name.replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B")
+
+
+def group_signature(optimizer: torch.optim.Optimizer, model: nn.Module,
+                    rename=lambda n: n) -> set[tuple[float, float, frozenset[str]]]:
+    """Each non-empty group as (lr, weight decay, the names of its parameters)."""
+    names = {id(p): rename(n) for n, p in model.named_parameters()}
+    return {(round(g["lr"], 12), g["weight_decay"], frozenset(names[id(p)] for p in g["params"]))
+            for g in optimizer.param_groups if g["params"]}
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_loraplus_groups_match_peft_with_biases_norms_and_dora(dora: bool) -> None:
+    from peft.optimizers import create_loraplus_optimizer
+
+    peft_model = with_norm(ours=False, dora=dora)
+    theirs = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=1e-3,
+                                       loraplus_lr_ratio=8, loraplus_weight_decay=0.1)
+    model = with_norm(ours=True, dora=dora)
+    ours = make_loraplus_optimizer(model, lr=1e-3, ratio=8, weight_decay=0.1)
+    expected = group_signature(theirs, peft_model, peft_name)
+    assert group_signature(ours, model) == expected
+    # The same trainable parameters, each in exactly one group.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set().union(*(names for *_, names in expected)) == trainable
+    # What the groups are, spelled out: B and 1-D parameters at 8 × lr, biases and the
+    # LayerNorm without weight decay, DoRA's magnitude with it.
+    by_name = {n: (lr, wd) for lr, wd, names in expected for n in names}
+    assert by_name["q.lora_B"] == by_name["v.lora_B"] == (8e-3, 0.1)
+    assert by_name["q.lora_A"] == by_name["o.weight"] == (1e-3, 0.1)
+    assert by_name["q.base.bias"] == by_name["ln.weight"] == by_name["ln.bias"] == (8e-3, 0.0)
+    assert by_name["o.bias"] == (8e-3, 0.0)
+    if dora:
+        assert by_name["q.magnitude"] == by_name["v.magnitude"] == (8e-3, 0.1)
+
+
+def test_loraplus_plain_lora_matches_peft_learning_rates() -> None:
     from peft.optimizers import create_loraplus_optimizer
 
     model = peft.get_peft_model(tiny(), peft.LoraConfig(r=2, target_modules=["q", "v"]))
@@ -189,13 +264,18 @@ def test_loraplus_matches_peft_optimizer_learning_rates() -> None:
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert lr_of[id(p)] == pytest.approx(8e-3 if "lora_B" in name else 1e-3), name
-    ours = make_loraplus_optimizer(lora_model(), lr=1e-3, ratio=8)
-    assert sorted(g["lr"] for g in ours.param_groups) == pytest.approx([1e-3, 8e-3])
+    from lora_edu.lora import LoraConfig, inject_lora
+
+    ours = inject_lora(tiny(), LoraConfig(r=2, target_modules=["q", "v"]))
+    assert group_signature(make_loraplus_optimizer(ours, lr=1e-3, ratio=8), ours) == \
+        group_signature(theirs, model, peft_name)
 
 
 @pytest.mark.parametrize("kwargs, words", [({"lr": 0}, "lr must be"),
                                            ({"lr": 1e-3, "ratio": -1}, "ratio must be"),
-                                           ({"lr": float("nan")}, "lr must be")])
+                                           ({"lr": float("nan")}, "lr must be"),
+                                           ({"lr": 1e-3, "weight_decay": -0.1},
+                                            "weight_decay must be")])
 def test_loraplus_bad_input(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         loraplus_param_groups(lora_model(), **kwargs)

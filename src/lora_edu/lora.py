@@ -10,13 +10,36 @@ and learns a low-rank update :math:`\\Delta W = B A` with :math:`B \\in \\mathbb
 Names follow Hugging Face PEFT wherever the idea is the same (``r``, ``lora_alpha``,
 ``lora_dropout``, ``bias``, ``target_modules``, ``use_rslora``, ``merge``, ``unmerge``), so what
 a student learns here transfers. Shapes follow the paper: ``lora_A`` is r×k, ``lora_B`` is d×r.
+
+**Variants plug in; this module does not import them.** LoRA's descendants (PiSSA's
+initialisation, DoRA's layer, chapter 14) build on this module, so this module must not build on
+them: dependencies point one way, ``variants → lora``. A variant registers what it adds:
+
+* an initialisation method, ``register_init_method("pissa", pissa_init_, check=...)``:
+  ``LoraConfig(init_lora_weights="pissa")`` then calls it on each new layer, and its ``check``
+  refuses a bad rank in :func:`find_targets`, before :func:`inject_lora` changes anything;
+* a layer class, ``register_layer_class("dora", DoRALinear)``: ``LoraConfig(use_dora=True)``
+  then builds that class.
+
+The registering happens when the variant's module is imported. So that
+``LoraConfig(use_dora=True)`` works without the user importing that module first, the built-in
+names are listed in :data:`BUILTIN_VARIANTS` with the *name* of the module that registers them
+(a string, e.g. ``"lora_edu.variants"``). The first lookup of a built-in name that nobody has
+registered yet imports that module by name (:func:`importlib.import_module`), and the module
+registers itself as it loads. Nothing is imported when ``lora`` is imported, its code never
+refers to a variant's class or function, and a variant of one's own needs no edit here: register
+it (``register_init_method("my-init", fn)``) and use it by name. Two alternatives were weighed
+and left: importing the variants from ``lora_edu/__init__.py`` (it would make
+``import lora_edu`` pay for torch, which it deliberately does not) and package entry points
+(they would need a reinstall to see a new variant).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
@@ -29,15 +52,125 @@ __all__ = [
     "unmerge_lora", "merge_and_unload", "disable_adapters", "count_parameters", "lora_layers",
     "find_targets", "replace_module",
     "lora_summary_rows", "show_lora_summary",
+    "register_init_method", "register_layer_class", "get_init_method", "get_layer_class",
+    "init_options", "BUILTIN_VARIANTS",
 ]
 
 #: Accepted values of ``LoraConfig.bias``: which biases train alongside the adapters.
 BIAS_OPTIONS = ("none", "all", "lora_only")
-#: Accepted values of ``init_lora_weights``. A later chapter extends this (e.g. ``"pissa"``)
-#: by adding a value here and a branch in :meth:`LoRALinear.reset_lora_parameters`.
-INIT_OPTIONS: tuple[Any, ...] = (True, False, "gaussian", "pissa")
+#: Built-in variants: ``(kind, name)`` → the module that registers them when imported
+#: (see the module docstring). ``kind`` is ``"init"`` (an ``init_lora_weights`` value) or
+#: ``"layer"`` (a layer class; ``LoraConfig(use_dora=True)`` asks for ``"dora"``).
+BUILTIN_VARIANTS: dict[tuple[str, str], str] = {
+    ("init", "pissa"): "lora_edu.variants",
+    ("layer", "dora"): "lora_edu.variants",
+}
+#: Initialisations this module implements itself (B = 0 unless ``False``).
+_OWN_INITS: tuple[Any, ...] = (True, False, "gaussian")
+#: Accepted values of ``init_lora_weights`` out of the box: this module's own and the built-in
+#: variants' (``"pissa"``). :func:`init_options` adds any registered since.
+INIT_OPTIONS: tuple[Any, ...] = _OWN_INITS + tuple(
+    name for kind, name in BUILTIN_VARIANTS if kind == "init")
 
 TargetModules = Union[Sequence[str], str]
+
+
+# --------------------------------------------------------------------------- variant registry
+
+@dataclass(frozen=True)
+class InitMethod:
+    """A registered ``init_lora_weights`` method.
+
+    Attributes:
+        init: ``init(layer)`` initialises a fresh :class:`LoRALinear` in place (A, B and, if
+            the method needs to, the base weight).
+        check: ``check(r, shape, where)`` raises ``ValueError`` if rank ``r`` cannot be used on
+            a weight of ``shape`` (d, k); ``where`` names the module for the message. Called on
+            every target before :func:`inject_lora` changes anything. ``None``: any rank.
+    """
+
+    init: Callable[[Any], Any]
+    check: Callable[[int, tuple[int, ...], str], None] | None = None
+
+
+_INIT_METHODS: dict[str, InitMethod] = {}
+_LAYER_CLASSES: dict[str, type] = {}
+
+
+def _same_object(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one function or class (also across a module reload)."""
+    key = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))
+    return a is b or key(a) == key(b)
+
+
+def _check_new_name(name: Any, taken: Any, new: Any, what: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a {what} is registered under a non-empty string, got {name!r}")
+    if taken is not None and not _same_object(taken, new):
+        raise ValueError(f"{what} {name!r} is already registered ({taken!r}); pick another "
+                         "name, or pass replace=True to override it")
+
+
+def register_init_method(name: str, init: Callable[[Any], Any],
+                         check: Callable[[int, tuple[int, ...], str], None] | None = None,
+                         *, replace: bool = False) -> None:
+    """Make ``init_lora_weights=name`` call ``init(layer)`` on each new :class:`LoRALinear`.
+
+    ``check(r, shape, where)``, if given, refuses a rank before anything is modified (see
+    :class:`InitMethod`). Registering the same function again (e.g. on a module reload) is a
+    no-op; another function under a taken name needs ``replace=True``.
+    """
+    if name in _OWN_INITS:
+        raise ValueError(f"init_lora_weights={name!r} is LoRA's own initialisation and cannot "
+                         "be replaced; register the method under another name")
+    if not callable(init) or (check is not None and not callable(check)):
+        raise TypeError("init (and check, if given) must be callable: init(layer), "
+                        "check(r, shape, where)")
+    old = _INIT_METHODS.get(name)
+    _check_new_name(name, None if replace or old is None else old.init, init,
+                    "init_lora_weights method")
+    _INIT_METHODS[name] = InitMethod(init, check)
+
+
+def register_layer_class(name: str, cls: type, *, replace: bool = False) -> None:
+    """Register a :class:`LoRALinear` subclass under ``name`` (``"dora"``: ``use_dora=True``).
+
+    The class is built as ``cls(base, r, lora_alpha, lora_dropout, use_rslora=...,
+    init_lora_weights=..., fan_in_fan_out=...)``, exactly like :class:`LoRALinear`.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, LoRALinear)):
+        raise TypeError(f"a LoRA layer class must subclass lora_edu.lora.LoRALinear, got "
+                        f"{cls!r}")
+    _check_new_name(name, None if replace else _LAYER_CLASSES.get(name), cls, "layer class")
+    _LAYER_CLASSES[name] = cls
+
+
+def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:
+    """``table[name]``, importing the built-in module that registers ``name`` if needed."""
+    if name not in table and (kind, name) in BUILTIN_VARIANTS:
+        importlib.import_module(BUILTIN_VARIANTS[(kind, name)])  # it registers itself
+    try:
+        return table[name]
+    except KeyError:
+        known = sorted(set(table) | {n for k, n in BUILTIN_VARIANTS if k == kind})
+        raise ValueError(f"no {kind} variant named {name!r} is registered; known: {known} "
+                         f"(register one with lora_edu.lora.register_{kind}_"
+                         f"{'method' if kind == 'init' else 'class'})") from None
+
+
+def get_init_method(name: str) -> InitMethod:
+    """The registered :class:`InitMethod` for ``init_lora_weights=name`` (e.g. ``"pissa"``)."""
+    return _lookup(_INIT_METHODS, "init", name)
+
+
+def get_layer_class(name: str) -> type:
+    """The registered layer class called ``name`` (``"dora"``: DoRA's layer)."""
+    return _lookup(_LAYER_CLASSES, "layer", name)
+
+
+def init_options() -> tuple[Any, ...]:
+    """Every accepted ``init_lora_weights``: :data:`INIT_OPTIONS` and any registered since."""
+    return INIT_OPTIONS + tuple(n for n in _INIT_METHODS if n not in INIT_OPTIONS)
 
 
 # --------------------------------------------------------------------------- validation
@@ -71,8 +204,9 @@ def _check_dropout(p: Any) -> float:
 
 
 def _check_init(init: Any) -> Any:
-    if not (isinstance(init, bool) or (isinstance(init, str) and init in INIT_OPTIONS)):
-        raise ValueError(f"init_lora_weights must be one of {INIT_OPTIONS}, got {init!r}")
+    options = init_options()
+    if not (isinstance(init, bool) or (isinstance(init, str) and init in options)):
+        raise ValueError(f"init_lora_weights must be one of {options}, got {init!r}")
     return init
 
 
@@ -123,10 +257,12 @@ class LoraConfig:
         init_lora_weights: ``True``: A Kaiming-uniform as in PEFT, B = 0; ``"gaussian"``:
             A ~ N(0, 1/r²) as in PEFT's reading of the paper, B = 0; ``False``: A and B both
             random, so ΔW ≠ 0 from the start (for tests only); ``"pissa"``: A, B from the
-            top-r SVD of W0, which keeps the residual (:func:`lora_edu.variants.pissa_init_`).
+            top-r SVD of W0, which keeps the residual (:func:`lora_edu.variants.pissa_init_`);
+            or any name given to :func:`register_init_method`.
         fan_in_fan_out: the target stores its weight as (k, d), as GPT-2's ``Conv1D`` does.
-        use_dora: weight-decomposed LoRA (Liu et al., 2024): targets become
-            :class:`lora_edu.variants.DoRALinear`, with a trainable magnitude per output.
+        use_dora: weight-decomposed LoRA (Liu et al., 2024): targets become the layer class
+            registered as ``"dora"`` (:class:`lora_edu.variants.DoRALinear`), with a
+            trainable magnitude per output.
 
     Validated on creation; a bad value raises ``ValueError``/``TypeError`` naming the field.
     To extend, add a field and check it in :meth:`validate`.
@@ -239,10 +375,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
-        """(Re)initialise A and B; B = 0 unless ``init_lora_weights is False``."""
-        if init_lora_weights == "pissa":
-            from lora_edu.variants import pissa_init_  # local import: variants imports lora
-            pissa_init_(self)
+        """(Re)initialise A and B; B = 0 unless ``init_lora_weights is False``.
+
+        A name that is not LoRA's own (``"pissa"``) calls the registered method's ``init``.
+        """
+        if init_lora_weights not in _OWN_INITS:
+            get_init_method(init_lora_weights).init(self)
             return
         if init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)  # PEFT's choice; the paper gives no σ
@@ -361,6 +499,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(f"target_modules={config.target_modules!r} matches no module; "
                          f"the nn.Linear layers are: {linears}")
     modules = dict(model.named_modules())
+    check = (None if config.init_lora_weights in _OWN_INITS
+             else get_init_method(config.init_lora_weights).check)
     for name in names:
         module = modules[name]
         if isinstance(module, LoRALinear):
@@ -370,9 +510,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             LoRALinear._check_base(module, config.fan_in_fan_out)
         except (TypeError, ValueError) as err:
             raise type(err)(f"target module {name!r}: {err}") from None
-        if config.init_lora_weights == "pissa":  # refuse before inject_lora changes anything
-            from lora_edu.variants import check_pissa_rank
-            check_pissa_rank(config.r, tuple(module.weight.shape), f"target module {name!r}")
+        if check is not None:  # e.g. PiSSA's r <= min(d, k), before anything changes
+            check(config.r, tuple(module.weight.shape), f"target module {name!r}")
     return names
 
 
@@ -401,10 +540,7 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config.validate()  # a dataclass's fields can have been edited since it was created
     names = find_targets(model, config)
-    layer_cls = LoRALinear
-    if config.use_dora:
-        from lora_edu.variants import DoRALinear
-        layer_cls = DoRALinear
+    layer_cls = get_layer_class("dora") if config.use_dora else LoRALinear
     for name in names:
         replace_module(model, name, layer_cls(
             model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,

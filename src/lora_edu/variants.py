@@ -13,11 +13,17 @@ PiSSA     the initialisation   B A = the top-r singular triplets of W0, W0 keeps
                                (:func:`pissa_init_`) (Meng et al., 2024)
 DoRA      the forward pass     W = m · (W0 + sBA) / ‖W0 + sBA‖, a learned magnitude per output
                                (:class:`DoRALinear`) (Liu et al., 2024)
-LoRA+     the optimizer        B learns ``ratio`` times faster than A
-                               (:func:`loraplus_param_groups`) (Hayou et al., 2024)
+LoRA+     the optimizer        B (and every 1-D trainable parameter) learns ``ratio`` times
+                               faster than A (:func:`loraplus_param_groups`) (Hayou et al., 2024)
 ========  ===================  ================================================================
 
 Definitions follow Hugging Face PEFT so that tests can compare with it number for number.
+
+This module builds on :mod:`lora_edu.lora` and never the other way round: it *registers*
+PiSSA as the initialisation ``"pissa"`` (with its rank check) and DoRA as the layer class
+``"dora"`` when it is imported (the last lines of this file), and ``lora`` finds them through
+its registry, importing this module by name the first time ``LoraConfig(use_dora=True)`` or
+``init_lora_weights="pissa"`` is used (see :mod:`lora_edu.lora`'s docstring).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_edu.linalg import truncated_svd
-from lora_edu.lora import LoRALinear, lora_layers, lora_scaling
+from lora_edu.lora import (LoRALinear, lora_layers, lora_scaling, register_init_method,
+                           register_layer_class)
 
 __all__ = ["rslora_scaling", "pissa_factors", "check_pissa_rank", "pissa_init_", "DoRALinear",
            "loraplus_param_groups", "make_loraplus_optimizer"]
@@ -224,42 +231,84 @@ class DoRALinear(LoRALinear):
 
 # --------------------------------------------------------------------------- LoRA+
 
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that get no weight decay, by the rule PEFT (through
+    ``transformers.trainer_pt_utils.get_parameter_names``) uses: a name that contains
+    ``"bias"``, or a parameter inside an ``nn.LayerNorm``."""
+    in_norm = {f"{m}.{n}" if m else n for m, module in model.named_modules()
+               if isinstance(module, nn.LayerNorm) for n, _ in module.named_parameters()}
+    return {n for n, _ in model.named_parameters() if "bias" in n or n in in_norm}
+
+
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
                           weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Optimizer parameter groups for LoRA+ (Hayou et al., 2024): B's learning rate is
-    ``ratio`` × A's.
+    """Optimizer parameter groups for LoRA+ (Hayou et al., 2024), as PEFT builds them.
 
-    Hayou et al. show that, for wide layers, equal learning rates for A and B are
-    inefficient: B (d×r, starting at zero) should move faster than A (r×k). Groups:
-    ``lora_A`` (and DoRA's ``magnitude``) at ``lr``, ``lora_B`` at ``lr * ratio``, any other
-    trainable parameter (e.g. biases) at ``lr``. Frozen parameters are left out.
+    Hayou et al. show that, for wide layers, equal learning rates for A (r×k) and B (d×r,
+    starting at zero) are inefficient: B should move ``ratio`` = η_B/η_A times faster.
+    ``peft.optimizers.create_loraplus_optimizer`` (PEFT 0.21) puts every trainable parameter
+    in one of these groups, and so does this function (same members, rates and decays):
+
+    ===================  ===========================================  ==========  ============
+    group                which trainable parameters                   lr          weight decay
+    ===================  ===========================================  ==========  ============
+    ``groupA``           the rest: ``lora_A`` and other ≥ 2-D ones    lr          weight_decay
+    ``groupB``           ``lora_B`` and every 1-D parameter (DoRA's   lr · ratio  weight_decay
+                         magnitude) that takes weight decay
+    ``groupB_no_decay``  the same kinds that take none: biases        lr · ratio  0
+                         (names with ``"bias"``) and the weights of
+                         ``nn.LayerNorm`` layers
+    ===================  ===========================================  ==========  ============
+
+    PEFT has a fourth group for LoRA on embedding layers, which lora_edu does not adapt, and
+    passes empty groups to the optimizer; here empty groups are left out (they change
+    nothing). Frozen parameters are left out. Each group carries its ``"name"``.
 
     Use: ``torch.optim.AdamW(loraplus_param_groups(model, 2e-4, 16))``.
+
+    Raises:
+        ValueError: ``lr``/``ratio`` not finite and positive, ``weight_decay`` negative or not
+            finite, or a model without LoRA layers.
     """
     for name, value in (("lr", lr), ("ratio", ratio)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite positive number, got {value!r}; "
                              "LoRA+ suggests ratio = 16")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+            or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     b_params = {id(layer.lora_B) for _, layer in lora_layers(model)}
     if not b_params:
         raise ValueError("model has no LoRA layer, so LoRA+ has no B to speed up; call "
                          "inject_lora(model, cfg) first")
-    groups: dict[str, list[nn.Parameter]] = {"A": [], "B": [], "other": []}
+    no_decay = _no_decay_names(model)
+    members: dict[str, list[nn.Parameter]] = {"groupA": [], "groupB": [], "groupB_no_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = "B" if id(p) in b_params else ("A" if name.endswith(("lora_A", "magnitude"))
-                                             else "other")
-        groups[key].append(p)
-    rates = {"A": lr, "B": lr * ratio, "other": lr}
-    return [{"params": ps, "lr": rates[k], "weight_decay": weight_decay, "name": f"lora_{k}"
-             if k != "other" else "other"} for k, ps in groups.items() if ps]
+        if id(p) in b_params or p.ndim == 1:
+            members["groupB_no_decay" if name in no_decay else "groupB"].append(p)
+        else:
+            members["groupA"].append(p)
+    settings = {"groupA": (lr, weight_decay), "groupB": (lr * ratio, weight_decay),
+                "groupB_no_decay": (lr * ratio, 0.0)}
+    return [{"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1], "name": k}
+            for k, ps in members.items() if ps]
 
 
 def make_loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0,
                             weight_decay: float = 0.0, **adamw_kwargs: Any) -> torch.optim.AdamW:
-    """AdamW over :func:`loraplus_param_groups` (what ``peft.optimizers.create_loraplus_optimizer``
-    builds with ``torch.optim.AdamW``)."""
+    """AdamW over :func:`loraplus_param_groups`: what ``create_loraplus_optimizer(model,
+    torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=weight_decay)``
+    builds in PEFT."""
     return torch.optim.AdamW(loraplus_param_groups(model, lr, ratio, weight_decay), lr=lr,
                              **adamw_kwargs)
+
+
+# --------------------------------------------------------------------------- registration
+# What lora_edu.lora finds by name: LoraConfig(init_lora_weights="pissa"),
+# LoraConfig(use_dora=True).
+
+register_init_method("pissa", pissa_init_, check=check_pissa_rank)
+register_layer_class("dora", DoRALinear)
