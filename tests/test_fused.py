@@ -25,7 +25,7 @@ def randomise(layer: MergedLoRALinear) -> None:
 def tiny_gpt2() -> nn.Module:
     seed_all(0)
     cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16,
-                                  vocab_size=64)
+                                  vocab_size=64, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
