@@ -12,8 +12,12 @@ from torch import nn
 
 from lora_edu.lora import LoRALinear
 from lora_edu.repro import seed_all
-from lora_edu.serving import (AdapterSwitcher, BottleneckAdapter, MultiLoRALinear,
-                              add_bottleneck_adapters, inject_multi_lora, set_adapter_ids)
+from lora_edu.serving import (SEGMENT_MIN_REQUESTS, AdapterSwitcher, BottleneckAdapter,
+                              MultiLoRALinear, adapter_nbytes, add_bottleneck_adapters,
+                              choose_path, inject_multi_lora, lru_loads, random_adapters,
+                              set_adapter_ids, sort_by_adapter)
+
+PATHS = ["auto", "segmented", "gathered", "loop", "batched"]
 
 
 def integer_layers(n: int = 5, d: int = 12, k: int = 16) -> dict[str, LoRALinear]:
@@ -42,14 +46,122 @@ def per_request(layers: dict[str, LoRALinear], x: torch.Tensor, ids: list[str]) 
 IDS = ["task3", "task0", "task3", "task4", "task1", "task2", "task0", "task4"]
 
 
-@pytest.mark.parametrize("mode", ["batched", "loop"])
-def test_multi_adapter_equals_per_request_exactly(mode: str) -> None:
-    layers = integer_layers()
+@pytest.mark.parametrize("sort", [False, True])
+@pytest.mark.parametrize("mode", PATHS)
+def test_every_path_equals_per_request_exactly(mode: str, sort: bool) -> None:
+    layers = integer_layers()  # ranks 1..5: mixed on purpose
     multi = MultiLoRALinear.from_lora_layers(layers)
-    x = torch.randint(-3, 4, (len(IDS), 6, 16)).float()
-    multi.set_ids(IDS)
+    ids = sorted(IDS) if sort else IDS
+    x = torch.randint(-3, 4, (len(ids), 6, 16)).float()
+    multi.set_ids(ids)
     multi.mode = mode
-    assert torch.equal(multi(x), per_request(layers, x, IDS))
+    assert torch.equal(multi(x), per_request(layers, x, ids))
+    assert multi.last_path == {"batched": "gathered", "auto": multi.last_path}.get(mode, mode)
+
+
+def test_segmented_and_loop_are_bit_for_bit_equal_on_random_values() -> None:
+    """The two paths do the same products on the same numbers: identical bits, not close."""
+    gen = torch.Generator().manual_seed(3)
+    multi = MultiLoRALinear(nn.Linear(24, 20), random_adapters(20, 24, 6, [2, 8, 4, 8, 1, 3],
+                                                               gen))
+    ids = torch.randint(0, 6, (40,), generator=gen)
+    x = torch.randn(40, 3, 24, generator=gen)
+    out = {}
+    for mode in ("segmented", "loop", "gathered"):
+        multi.set_ids(ids)
+        multi.mode = mode
+        out[mode] = multi(x)
+    order, inverse = sort_by_adapter(ids)
+    multi.set_ids(ids[order])  # a batch that arrives sorted takes the no-copy branch
+    multi.mode = "segmented"
+    sorted_out = multi(x[order])[inverse]
+    assert torch.equal(out["segmented"], out["loop"])
+    assert torch.equal(sorted_out, out["loop"])
+    torch.testing.assert_close(out["gathered"], out["loop"], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out["loop"], multi.base(x))  # the branch did something
+
+
+def test_choose_path_rule_and_auto_follows_it() -> None:
+    m = SEGMENT_MIN_REQUESTS
+    assert choose_path(m * 4, 4) == "segmented"
+    assert choose_path(m * 4 - 1, 4) == "gathered"
+    assert choose_path(1, 1, min_requests=1) == "segmented"
+    for bad in ((0, 1), (4, 0), (3, 4)):
+        with pytest.raises(ValueError, match="adapters_present"):
+            choose_path(*bad)
+    with pytest.raises(ValueError, match="min_requests"):
+        choose_path(4, 1, min_requests=0)
+    with pytest.raises(ValueError, match="padding_fraction"):
+        choose_path(4, 1, padding_fraction=1.0)
+    # padding in the gathered path (mixed ranks) lowers the bar for the segmented one
+    assert choose_path(m * 4 - 1, 4, padding_fraction=0.5) == "segmented"
+    multi = MultiLoRALinear.from_lora_layers(integer_layers())
+    for ids, want in (([0] * m, "segmented"), ([0, 1] * (m // 2) or [0, 1], "gathered")):
+        multi.set_ids(ids)
+        multi(torch.zeros(len(ids), 2, 16))
+        pad = multi.padding_fraction(ids)
+        assert multi.last_path == want == choose_path(len(ids), len(set(ids)), pad)
+
+
+def test_threshold_is_the_one_the_committed_benchmark_measured() -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/multi_adapter-cpu.json"
+    sweep = json.loads(path.read_text())["layer_sweep"]
+    assert sweep["best_min_requests"] == SEGMENT_MIN_REQUESTS
+
+
+def test_mixed_ranks_are_stored_without_padding() -> None:
+    layers = integer_layers()  # ranks 1, 2, 3, 4, 5
+    multi = MultiLoRALinear.from_lora_layers(layers)
+    assert multi.ranks == (1, 2, 3, 4, 5)
+    assert multi.A_pool.shape == (1 + 2 + 3 + 4 + 5 + 1, 16)  # + one zero row
+    assert multi.B_pool.shape == (16, 12)
+    A, Bt = multi.factors("task2")
+    assert torch.equal(A, layers["task2"].lora_A) and torch.equal(Bt, layers["task2"].lora_B.T)
+    assert multi.lora_A.shape == (5, 5, 16) and multi.lora_B.shape == (5, 12, 5)  # padded view
+    assert torch.equal(multi.lora_A[0, 1:], torch.zeros(4, 16))
+    assert multi.padding_fraction(["task0", "task4"]) == pytest.approx(1 - 3 / 5)
+    with pytest.raises(ValueError, match="no adapter ids"):
+        multi.padding_fraction()
+
+
+def test_bad_mode_and_bad_ids_are_refused() -> None:
+    multi = MultiLoRALinear.from_lora_layers(integer_layers())
+    multi.set_ids(["task0"])
+    multi.mode = "fast"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        multi(torch.zeros(1, 16))
+    with pytest.raises(TypeError, match="single string"):
+        multi.set_ids("task0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_adapter_ids(nn.Sequential(multi), ["task0"], mode="fast")
+    with pytest.raises(ValueError, match="r >= 1"):
+        MultiLoRALinear(nn.Linear(4, 3), {"x": (torch.zeros(0, 4), torch.zeros(3, 0), 1.0)})
+    with pytest.raises(TypeError, match="must be tensors"):
+        MultiLoRALinear(nn.Linear(4, 3), {"x": ([[1.0] * 4], torch.zeros(3, 1), 1.0)})
+    with pytest.raises(ValueError, match="positive int"):
+        random_adapters(3, 4, 2, [1], torch.Generator())
+
+
+def test_lru_loads_and_adapter_bytes() -> None:
+    assert lru_loads([["a", "b"], ["a"], ["c"], ["b"], ["b", "c"]], capacity=2) == [2, 0, 1, 1, 0]
+    assert lru_loads([["a", "a", "b"]], capacity=2) == [2]
+    with pytest.raises(ValueError, match="3 distinct adapters but the cache has 2"):
+        lru_loads([["a", "b", "c"]], capacity=2)
+    with pytest.raises(ValueError, match="capacity"):
+        lru_loads([], capacity=0)
+    assert adapter_nbytes([(8, 4), (6, 4)], r=2, bytes_per_number=2) == 2 * (12 + 10) * 2
+    with pytest.raises(ValueError, match="positive"):
+        adapter_nbytes([(8, 4)], r=0)
+
+
+def test_sort_by_adapter_round_trips() -> None:
+    ids = torch.tensor([3, 0, 3, 1, 0])
+    order, inverse = sort_by_adapter(ids)
+    assert ids[order].tolist() == [0, 0, 1, 3, 3] and order.tolist() == [1, 4, 3, 0, 2]
+    assert torch.equal(ids[order][inverse], ids)
 
 
 def test_multi_adapter_random_values_close_and_indices_accepted() -> None:
@@ -148,6 +260,7 @@ def test_merge_unmerge_drifts_but_switcher_does_not(dtype: torch.dtype) -> None:
         switcher.switch("a")
         switcher.switch("b")
     assert torch.equal(layer.weight, (w0.float() + deltas["b"]).to(dtype))
+    assert switcher.master.dtype == dtype  # W0's own dtype (2 bytes a number) is enough
     switcher.switch(None)
     assert torch.equal(layer.weight, w0)
     with pytest.raises(ValueError, match="unknown adapter 'c'"):
@@ -187,11 +300,36 @@ def test_property_batched_equals_loop_and_dense_formula(n: int, r: int, batch: i
     x = torch.randn(batch, tokens, 7, generator=gen)
     multi.set_ids(ids)
     with torch.no_grad():
+        multi.mode = "gathered"
         batched = multi(x)
+        multi.mode = "segmented"
+        segmented = multi(x)
         multi.mode = "loop"
         looped = multi(x)
         dense = torch.stack([x[i] @ (base.weight + s * B @ A).T + base.bias
                              for i, (A, B, s) in
                              ((i, adapters[f"a{int(a)}"]) for i, a in enumerate(ids))])
+    assert torch.equal(segmented, looped)
     torch.testing.assert_close(batched, looped, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(batched, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_one_adapter_at_a_time_baselines_equal_the_batched_model() -> None:
+    from lora_edu.models import GPT, gpt_config
+    from lora_edu.serving import OneAdapterAtATime, multi_lora_gpt
+
+    seed_all(0)
+    base = GPT(gpt_config("tiny")).eval()
+    multi = multi_lora_gpt(copy.deepcopy(base), 4, r=[1, 2, 3, 4])
+    ids, _ = torch.sort(torch.tensor([2, 0, 3, 2, 1, 0]))
+    idx = torch.randint(0, 256, (6, 5))
+    baseline = OneAdapterAtATime(base, multi)
+    merged, swapped = baseline.merged(idx, ids), baseline.swapped(idx, ids)
+    set_adapter_ids(multi, ids, mode="auto")
+    with torch.no_grad():
+        batched = multi(idx)
+    torch.testing.assert_close(merged, batched, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(swapped, batched, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched, base(idx), atol=1e-4)
+    with pytest.raises(ValueError, match="sorted by adapter"):
+        baseline.merged(idx, torch.tensor([1, 0, 0, 0, 0, 0]))

@@ -1,19 +1,37 @@
-"""Serving LoRA: many adapters on one base in one batch, swapping adapters, and the
-bottleneck adapter that LoRA is compared with.
+"""Serving LoRA: many adapters on one base in one batch, swapping adapters, where adapters
+live, and the bottleneck adapter that LoRA is compared with.
 
 **Many adapters, one batch.** A server that hosts one base model and many LoRA adapters
-(S-LoRA, Punica) receives a batch in which request i names adapter a_i. The base product is
-shared, W0 x_i; only the low-rank branch differs. Gathering each request's factors into
-stacks Â = A[a] (batch×r×k) and B̂ = B[a] (batch×d×r) computes every branch with two batched
-matrix products:
+(Punica, S-LoRA, LoRAX, vLLM) receives a batch in which request i names adapter a_i. The base
+product is shared, W0 x_i; only the low-rank branch differs:
 
-    h_i = W0 x_i + b + s_{a_i} · B_{a_i} (A_{a_i} x_i)        for all i at once (``torch.bmm``)
+    h_i = W0 x_i + b + s_{a_i} · B_{a_i} (A_{a_i} x_i)
 
-:class:`MultiLoRALinear` does this, and also the obvious alternative (a Python loop over the
-adapters present, one sub-batch each) for comparison.
+:class:`MultiLoRALinear` computes the branch in one of three ways, the two that the real
+kernels use and the obvious one:
 
-**Swapping.** :class:`AdapterSwitcher` switches a layer between adapters by writing
-round(W0 + ΔW) from a full-precision master copy of W0, so that no rounding error piles up
+* **segmented** (Punica's SGMV, "segmented gather matrix-vector"): the requests are sorted so
+  that those of one adapter form a contiguous segment, and each segment gets one shrink
+  (x_seg A_aᵀ, rank r_a) and one expand (· B_aᵀ) product at its adapter's own rank. The servers
+  use it for prefill, where a segment holds many tokens.
+* **gathered** (Punica's BGMV, "batched gather matrix-vector"; S-LoRA's MBGMV): every row
+  gathers its own adapter's factors and all rows run in two batched products
+  (``torch.bmm``). The servers use it for decode, one token per request. Here the gather pads
+  each adapter to the largest rank r_max present in the batch (the padding rows are zeros:
+  exact, but computed).
+* **loop**: one sub-batch per adapter, picked out with a mask (for comparison).
+
+``mode="auto"`` (the default) picks segmented or gathered per call from the batch's shape by
+:func:`choose_path`, whose threshold was set from ``benchmarks/multi_adapter.py``. The
+segmented path is fastest on a batch already sorted by adapter (:func:`sort_by_adapter`, once
+per batch, as the servers' schedulers do); an unsorted batch is permuted in every layer.
+
+The factors are stored without padding in one *pool* of rank rows (every adapter's r_a rows of
+A and of Bᵀ, one after the other), the layout of S-LoRA's unified paging, which keeps adapters
+of different ranks (and the KV cache) in one paged memory.
+
+**Swapping.** :class:`AdapterSwitcher` switches a layer between merged adapters by writing
+round(W0 + ΔW) from a copy of W0 in the weight's own dtype, so that no rounding error piles up
 over many swaps (merge/unmerge in bf16 or fp16 does pile it up; chapter 11 measures it).
 
 **Bottleneck adapters** (Houlsby et al., 2019): ``h + W_up σ(W_down h)`` inserted after a
@@ -24,7 +42,8 @@ work at inference; :func:`add_bottleneck_adapters` puts them into the small GPT.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -34,31 +53,78 @@ from torch import nn
 from lora_edu.lora import replace_module
 
 __all__ = ["MultiLoRALinear", "AdapterIds", "set_adapter_ids", "inject_multi_lora",
-           "BottleneckAdapter", "add_bottleneck_adapters", "AdapterSwitcher",
-           "interleaved_timings", "random_adapters", "multi_lora_gpt"]
+           "choose_path", "SEGMENT_MIN_REQUESTS", "sort_by_adapter", "BottleneckAdapter", "add_bottleneck_adapters",
+           "AdapterSwitcher", "interleaved_timings", "random_adapters", "multi_lora_gpt",
+           "OneAdapterAtATime", "adapter_nbytes", "lru_loads"]
 
 #: How a batch names its adapters: one name (or index) per request.
 AdapterIds = Union[Sequence[str], Sequence[int], torch.Tensor]
+
+#: ``mode="auto"`` takes the segmented path when the batch holds at least this many requests
+#: per adapter present, and the gathered path otherwise. Set from the layer sweep of
+#: ``benchmarks/multi_adapter.py`` (``layer_sweep.best_min_requests`` in its result file): the
+#: threshold with the smallest worst-case slowdown against the faster path over its shapes.
+SEGMENT_MIN_REQUESTS = 8
+
+
+def choose_path(requests: int, adapters_present: int, padding_fraction: float = 0.0,
+                min_requests: int = SEGMENT_MIN_REQUESTS) -> str:
+    """The path ``mode="auto"`` takes for a batch of ``requests`` requests that uses
+    ``adapters_present`` distinct adapters: ``"segmented"`` when
+
+        requests / adapters_present >= min_requests · (1 − padding_fraction)
+
+    (few, long segments: one shrink/expand pair each costs little), else ``"gathered"``
+    (many short segments: the per-segment products cost more in calls than gathering every
+    request's factors does). ``padding_fraction`` = 1 − mean(r)/max(r) over the requests is
+    the share of the gathered path's work spent on padding; mixed ranks lower the bar for the
+    segmented path, which computes at each adapter's own rank."""
+    if requests < 1 or adapters_present < 1 or adapters_present > requests:
+        raise ValueError(f"need 1 <= adapters_present <= requests, got {adapters_present} "
+                         f"adapters for {requests} requests")
+    if min_requests < 1:
+        raise ValueError(f"min_requests must be >= 1, got {min_requests}")
+    if not 0.0 <= padding_fraction < 1.0:
+        raise ValueError(f"padding_fraction must be in [0, 1), got {padding_fraction}")
+    bar = min_requests * (1.0 - padding_fraction)
+    return "segmented" if requests >= bar * adapters_present else "gathered"
+
+
+def sort_by_adapter(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order that sorts a batch into segments by adapter (stable), and its inverse:
+    ``batch[order]`` is sorted, ``sorted_out[inverse]`` puts results back in request order.
+    A server sorts its batch once (Punica's scheduler does), not in every layer."""
+    order = torch.argsort(ids, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return order, inverse
 
 
 class MultiLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` (W0 ∈ ℝ^{d×k}) serving ``n`` LoRA adapters at once.
 
-    Adapters are stored stacked: ``lora_A`` (n, r, k), ``lora_B`` (n, d, r) and ``scaling``
-    (n,), where r is the largest rank; a smaller adapter is padded with zero rows of A and
-    zero columns of B, which adds exact zeros and changes nothing.
+    Adapter j has A_j ∈ ℝ^{r_j×k}, B_j ∈ ℝ^{d×r_j} and scaling s_j; the ranks may differ.
+    They are stored without padding in a pool of rank rows: ``A_pool`` (Σr_j + 1, k) holds
+    the rows of every A_j one after the other, ``B_pool`` (Σr_j + 1, d) the rows of every
+    B_jᵀ, and the last row of each is zero (the target of the gathered path's padding).
+    ``offsets[j]`` is where adapter j starts, ``ranks[j]`` its rank.
 
     ``forward(x)`` takes x of shape (batch, T, k) (or (batch, k)) and the ids set by
-    :meth:`set_ids` (one per request), and returns (batch, T, d):
+    :meth:`set_ids` (one adapter per request), and returns (batch, T, d):
 
         h_i = W0 x_i + b + s_{a_i} · (x_i A_{a_i}ᵀ) B_{a_i}ᵀ
 
-    computed with gathered factors and ``torch.bmm`` (``mode="batched"``) or one adapter at a
-    time over its sub-batch (``mode="loop"``). Both give the same numbers up to the order of
-    floating-point sums.
+    with the branch computed by ``mode``: ``"segmented"`` (SGMV-like: sort by adapter, one
+    shrink and one expand product per segment at the adapter's own rank), ``"gathered"``
+    (BGMV-like: each request gathers its factors padded to the batch's largest rank, two
+    ``torch.bmm``; ``"batched"`` is its old name), ``"loop"`` (a masked sub-batch per adapter)
+    or ``"auto"`` (the default: :func:`choose_path` decides per call). The segmented and loop
+    paths do the same products on the same numbers, so they agree bit for bit; the gathered
+    path sums in another order and agrees up to float rounding (exactly, when every product
+    and sum is exact, e.g. small integers).
     """
 
-    MODES = ("batched", "loop")
+    MODES = ("auto", "segmented", "gathered", "loop", "batched")
 
     def __init__(self, base: nn.Linear,
                  adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
@@ -69,22 +135,60 @@ class MultiLoRALinear(nn.Module):
         if not adapters:
             raise ValueError("adapters is empty; pass at least one name → (A, B, scaling)")
         d, k = base.weight.shape
-        r_max = max(_check_factors(name, A, B, d, k) for name, (A, B, _) in adapters.items())
-        n = len(adapters)
+        ranks = [_check_factors(name, A, B, d, k) for name, (A, B, _) in adapters.items()]
         dtype = torch.promote_types(base.weight.dtype, torch.float32)
-        stack_A = base.weight.new_zeros(n, r_max, k, dtype=dtype)
-        stack_B = base.weight.new_zeros(n, d, r_max, dtype=dtype)
-        for i, (A, B, _) in enumerate(adapters.values()):
-            stack_A[i, :A.shape[0]] = A.detach().to(stack_A)
-            stack_B[i, :, :B.shape[1]] = B.detach().to(stack_B)
+        A_pool = torch.cat([A.detach().to(base.weight.device, dtype)
+                            for A, _, _ in adapters.values()] + [base.weight.new_zeros(1, k,
+                                                                                dtype=dtype)])
+        B_pool = torch.cat([B.detach().T.to(base.weight.device, dtype)
+                            for _, B, _ in adapters.values()] + [base.weight.new_zeros(1, d,
+                                                                                dtype=dtype)])
+        ranks_t = torch.tensor(ranks, dtype=torch.long)
+        offsets = torch.cumsum(ranks_t, 0) - ranks_t
+        # rank_rows[j, t]: pool row of adapter j's t-th rank, or the zero row past its rank
+        t = torch.arange(max(ranks))
+        zero_row = A_pool.shape[0] - 1
+        rank_rows = torch.where(t < ranks_t[:, None], offsets[:, None] + t, zero_row)
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(stack_A, requires_grad=False)
-        self.lora_B = nn.Parameter(stack_B, requires_grad=False)
+        dev = base.weight.device
+        self.register_buffer("A_pool", A_pool)
+        self.register_buffer("B_pool", B_pool)
+        self.register_buffer("rank_rows", rank_rows.to(dev))
+        self.register_buffer("rank_tensor", ranks_t.to(dev))
         self.register_buffer("scaling", torch.tensor([float(s) for _, _, s in adapters.values()],
-                                                     dtype=dtype, device=base.weight.device))
+                                                     dtype=dtype, device=dev))
+        self.ranks: tuple[int, ...] = tuple(ranks)
+        self.offsets: tuple[int, ...] = tuple(offsets.tolist())
         self.names: tuple[str, ...] = tuple(adapters)
-        self.mode = "batched"
+        self.mode = "auto"
+        self.last_path: str | None = None  # the path the last forward took
         self._ids: torch.Tensor | None = None
+
+    # The padded stacks of the first version of this class, built on demand for inspection.
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """All A_j stacked and zero-padded to r_max: (n, r_max, k) (a copy; not stored)."""
+        return self.A_pool[self.rank_rows]
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """All B_j stacked and zero-padded to r_max: (n, d, r_max) (a copy; not stored)."""
+        return self.B_pool[self.rank_rows].transpose(1, 2)
+
+    def factors(self, name_or_index: str | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter j's own (A_j (r_j×k), B_jᵀ (r_j×d)): views into the pools, no padding."""
+        j = int(self.resolve_ids([name_or_index])[0])
+        lo, hi = self.offsets[j], self.offsets[j] + self.ranks[j]
+        return self.A_pool[lo:hi], self.B_pool[lo:hi]
+
+    def padding_fraction(self, ids: AdapterIds | None = None) -> float:
+        """Share of the gathered path's rank rows that are padding for a batch (default: the
+        ids set): 1 − mean(r_{a_i}) / max(r_{a_i})."""
+        idx = self._ids if ids is None else self.resolve_ids(ids)
+        if idx is None:
+            raise ValueError("no adapter ids: pass ids or call set_ids first")
+        r = torch.tensor(self.ranks, dtype=torch.float64)[idx.cpu()]
+        return float(1 - r.mean() / r.max())
 
     @classmethod
     def from_lora_layers(cls, layers: Mapping[str, nn.Module]) -> MultiLoRALinear:
@@ -107,6 +211,9 @@ class MultiLoRALinear(nn.Module):
                                 f"{ids.dtype} of shape {tuple(ids.shape)}")
             out = ids.long()
         else:
+            if isinstance(ids, (str, bytes)):
+                raise TypeError(f"adapter ids must be a sequence with one id per request, got "
+                                f"the single string {ids!r}; wrap it in a list")
             index = {name: i for i, name in enumerate(self.names)}
             if not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in ids):
                 raise TypeError("adapter ids must be names (str) or indices (int), one per "
@@ -122,7 +229,7 @@ class MultiLoRALinear(nn.Module):
         if bad_idx.numel():
             raise ValueError(f"adapter index {int(bad_idx[0])} is out of range: this layer "
                              f"serves adapters 0..{len(self.names) - 1}")
-        return out.to(self.lora_A.device)
+        return out.to(self.A_pool.device)
 
     def set_ids(self, ids: AdapterIds | None) -> None:
         """Which adapter each request of the next batches uses (``None``: base model only)."""
@@ -132,38 +239,89 @@ class MultiLoRALinear(nn.Module):
         """h = W0 x + b + s_a·B_a A_a x per request; x: (batch, [T,] k) → (batch, [T,] d)."""
         result = self.base(x)
         if self._ids is None:
+            self.last_path = None
             return result
         if x.shape[0] != self._ids.shape[0]:
             raise ValueError(f"the batch has {x.shape[0]} requests but {self._ids.shape[0]} "
                              "adapter ids were set; call set_adapter_ids with one id per request")
-        xs = x.to(self.lora_A.dtype)
+        if self.mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {self.mode!r}")
+        xs = x.to(self.A_pool.dtype)
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])          # (batch, T, k)
-        delta = self._batched(flat) if self.mode == "batched" else self._looped(flat)
+        path = {"batched": "gathered"}.get(self.mode, self.mode)
+        if path == "auto":
+            present = int(torch.unique(self._ids).numel())
+            r = self.rank_tensor[self._ids].float()
+            path = choose_path(flat.shape[0], present, float(1 - r.mean() / r.max()))
+        delta = {"gathered": self._gathered, "segmented": self._segmented,
+                 "loop": self._looped}[path](flat)
+        self.last_path = path
         return result + delta.reshape(*result.shape).to(result.dtype)
 
-    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """BGMV-like: every request gathers its factors (padded to the batch's r_max)."""
         ids = self._ids
+        r_max = max(self.ranks[j] for j in torch.unique(ids).tolist())
+        rows = self.rank_rows[ids, :r_max]                         # (batch, r_max) pool rows
         # Gathering copies only the small factors (batch·r·(d+k) numbers), never a d×k matrix.
-        low = torch.bmm(x, self.lora_A[ids].transpose(1, 2))       # (batch, T, r)
-        return torch.bmm(low, self.lora_B[ids].transpose(1, 2)) * self.scaling[ids, None, None]
+        low = torch.bmm(x, self.A_pool[rows].transpose(1, 2))      # (batch, T, r_max)
+        return torch.bmm(low, self.B_pool[rows]) * self.scaling[ids, None, None]
+
+    def _segmented(self, x: torch.Tensor) -> torch.Tensor:
+        """SGMV-like: requests sorted into segments by adapter (a batch that arrives sorted,
+        as a server's scheduler arranges it, is not copied); one shrink and one expand
+        product per segment, at the adapter's own rank, written in place."""
+        ids = self._ids
+        n, T, k = x.shape
+        order = None
+        if n > 1 and not bool((ids[1:] >= ids[:-1]).all()):
+            order = torch.argsort(ids, stable=True)
+            x, ids = x.index_select(0, order), ids[order]
+        present, counts = torch.unique_consecutive(ids, return_counts=True)
+        rows = x.reshape(n * T, k)
+        out = torch.empty(n * T, self.B_pool.shape[1], dtype=x.dtype, device=x.device)
+        start = 0
+        for j, c in zip(present.tolist(), (counts * T).tolist()):
+            self._shrink_expand(j, rows[start:start + c], out[start:start + c])
+            start += c
+        out = out.view(n, T, -1)
+        if order is None:
+            return out
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=order.device)
+        return out.index_select(0, inverse)
+
+    def _shrink_expand(self, j: int, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """out = s_j · (rows A_jᵀ) B_jᵀ for rows (m, k) → out (m, d), at adapter j's rank."""
+        lo, hi = self.offsets[j], self.offsets[j] + self.ranks[j]
+        torch.mm(rows @ self.A_pool[lo:hi].T, self.B_pool[lo:hi], out=out)
+        out.mul_(self.scaling[j])
 
     def _looped(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(*x.shape[:-1], self.lora_B.shape[1])
-        for a in torch.unique(self._ids).tolist():
-            rows = (self._ids == a).nonzero().squeeze(1)
-            out[rows] = (x[rows] @ self.lora_A[a].T) @ self.lora_B[a].T * self.scaling[a]
+        """One masked sub-batch per adapter present (no sorting)."""
+        n, T, k = x.shape
+        out = x.new_zeros(n, T, self.B_pool.shape[1])
+        for j in torch.unique(self._ids).tolist():
+            sel = (self._ids == j).nonzero().squeeze(1)
+            part = torch.empty(len(sel) * T, out.shape[-1], dtype=x.dtype, device=x.device)
+            self._shrink_expand(j, x[sel].reshape(-1, k), part)
+            out[sel] = part.view(len(sel), T, -1)
         return out
 
     def extra_repr(self) -> str:
-        n, r, k = self.lora_A.shape
-        return f"adapters={n}, r={r}, d={self.lora_B.shape[1]}, k={k}, mode={self.mode}"
+        d, k = self.base.weight.shape
+        return (f"adapters={len(self.names)}, ranks={min(self.ranks)}..{max(self.ranks)}, "
+                f"d={d}, k={k}, mode={self.mode}")
 
 
 def _check_factors(name: str, A: torch.Tensor, B: torch.Tensor, d: int, k: int) -> int:
-    r = A.shape[0]
-    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != k or B.shape != (d, r):
+    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+        raise TypeError(f"adapter {name!r}: A and B must be tensors, got "
+                        f"{type(A).__name__} and {type(B).__name__}")
+    r = A.shape[0] if A.dim() == 2 else -1
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != k or B.shape != (d, r) or r < 1:
         raise ValueError(f"adapter {name!r}: expected A of shape (r, {k}) and B of shape "
-                         f"({d}, r), got {tuple(A.shape)} and {tuple(B.shape)}")
+                         f"({d}, r) with r >= 1, got {tuple(A.shape)} and {tuple(B.shape)}")
     return r
 
 
@@ -256,10 +414,12 @@ def add_bottleneck_adapters(model: nn.Module, bottleneck: int,
 class AdapterSwitcher:
     """Switch one linear layer between merged adapters without accumulating rounding error.
 
-    Keeps W0 in float32 (a *master copy*, as mixed-precision training does) and writes
-    ``round(W0 + ΔW_name)`` into the layer's weight on each :meth:`switch`, so that the
-    weight after any sequence of switches depends only on the last one. The price: one
-    float32 copy of W0 (4 bytes per parameter) per adapted layer, kept on the host or device.
+    Keeps a copy of W0 in the weight's own dtype and writes ``round(W0 + ΔW_name)`` (the sum
+    formed in float32, rounded once) into the layer's weight on each :meth:`switch`, so that
+    the weight after any sequence of switches depends only on the last one. A copy in the
+    weight's dtype is enough: every bf16 or fp16 number is exactly a float32 number, so the
+    sum is the same as from a float32 master. The price: one more copy of W0 (2 bytes per
+    parameter in bf16 or fp16) per adapted layer, kept on the host or the device.
     """
 
     def __init__(self, layer: nn.Linear, deltas: Mapping[str, torch.Tensor]) -> None:
@@ -269,7 +429,7 @@ class AdapterSwitcher:
                 raise ValueError(f"ΔW of {name!r} has shape {tuple(delta.shape)}, the layer's "
                                  f"weight {tuple(layer.weight.shape)}")
         self.layer = layer
-        self.master = layer.weight.detach().to(torch.float32).clone()
+        self.master = layer.weight.detach().clone()  # W0 exactly as stored, in its own dtype
         self.deltas = {n: d.detach().to(torch.float32) for n, d in deltas.items()}
         self.active: str | None = None
 
@@ -278,8 +438,11 @@ class AdapterSwitcher:
         """Make the layer compute with W0 + ΔW_name (``None``: the base W0)."""
         if name is not None and name not in self.deltas:
             raise ValueError(f"unknown adapter {name!r}; have {sorted(self.deltas)}")
-        target = self.master if name is None else self.master + self.deltas[name]
-        self.layer.weight.copy_(target.to(self.layer.weight.dtype))
+        if name is None:
+            self.layer.weight.copy_(self.master)
+        else:
+            target = self.master.to(torch.float32) + self.deltas[name].to(self.master.device)
+            self.layer.weight.copy_(target.to(self.layer.weight.dtype))
         self.active = name
 
 
@@ -322,20 +485,132 @@ def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int = 
     return times
 
 
-def random_adapters(d: int, k: int, n: int, r: int, generator: torch.Generator,
+def random_adapters(d: int, k: int, n: int, r: int | Sequence[int], generator: torch.Generator,
                     scaling: float = 2.0) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``n`` random adapters ``task0 …`` for a d×k layer (A ~ N(0, 1/k), B ~ N(0, 0.01²))."""
-    return {f"task{i}": (torch.randn(r, k, generator=generator) / k ** 0.5,
-                         0.01 * torch.randn(d, r, generator=generator), scaling)
-            for i in range(n)}
+    """``n`` random adapters ``task0 …`` for a d×k layer (A ~ N(0, 1/k), B ~ N(0, 0.01²)).
+
+    ``r``: one rank for all, or one rank per adapter (mixed ranks).
+    """
+    ranks = [r] * n if isinstance(r, int) else list(r)
+    if len(ranks) != n or any(isinstance(q, bool) or not isinstance(q, int) or q < 1
+                              for q in ranks):
+        raise ValueError(f"r must be a positive int or {n} positive ints, got {r!r}")
+    return {f"task{i}": (torch.randn(q, k, generator=generator) / k ** 0.5,
+                         0.01 * torch.randn(d, q, generator=generator), scaling)
+            for i, q in enumerate(ranks)}
 
 
-def multi_lora_gpt(model: nn.Module, n_adapters: int, r: int = 8,
+def multi_lora_gpt(model: nn.Module, n_adapters: int, r: int | Sequence[int] = 8,
                    targets: Sequence[str] = ("q", "v"), seed: int = 0) -> nn.Module:
-    """Put ``n_adapters`` random LoRA adapters on the named Linears of ``model``, in place."""
+    """Put ``n_adapters`` random LoRA adapters (rank ``r``, or one rank per adapter) on the
+    named Linears of ``model``, in place."""
     gen = torch.Generator().manual_seed(seed)
     chosen = {name: random_adapters(m.out_features, m.in_features, n_adapters, r, gen)
               for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and name.rpartition(".")[2] in targets}
     inject_multi_lora(model, chosen)
     return model.to(next(model.parameters()).device)
+
+
+class OneAdapterAtATime:
+    """The baseline a user would otherwise pick: serve a batch one adapter at a time.
+
+    ``multi`` is a model whose layers are :class:`MultiLoRALinear`; ``base`` the same model
+    without adapters. For each adapter present, in turn, its requests run as their own batch:
+
+    * :meth:`merged`: write round(W0 + s·B A) into each adapted layer of a copy of ``base``
+      (an :class:`AdapterSwitcher` per layer, ΔW computed once beforehand), then run the
+      sub-batch at the base model's cost;
+    * :meth:`swapped`: keep the adapter unmerged and make it the only active one (PEFT's
+      ``set_adapter``), then run the sub-batch with its LoRA branch.
+
+    Both take token ids ``idx`` (batch, T) and adapter ids sorted by adapter (see
+    :func:`sort_by_adapter`) and return the model's outputs in request order.
+    """
+
+    def __init__(self, base: nn.Module, multi: nn.Module) -> None:
+        import copy
+
+        self.multi = multi
+        self.base = copy.deepcopy(base)
+        modules = dict(self.base.named_modules())
+        self.switchers = []
+        for name, layer in multi.named_modules():
+            if isinstance(layer, MultiLoRALinear):
+                deltas = {a: layer.scaling[j] * layer.factors(j)[1].T @ layer.factors(j)[0]
+                          for j, a in enumerate(layer.names)}
+                self.switchers.append(AdapterSwitcher(modules[name], deltas))
+        if not self.switchers:
+            raise ValueError("multi has no MultiLoRALinear layer; build it with "
+                             "inject_multi_lora or multi_lora_gpt")
+        self.names = _multi_layers(multi)[0].names
+
+    @staticmethod
+    def _segments(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+        ids = torch.as_tensor(ids)
+        if len(ids) > 1 and not bool((ids[1:] >= ids[:-1]).all()):
+            raise ValueError("ids must be sorted by adapter; sort the batch with "
+                             "sort_by_adapter first")
+        present, counts = torch.unique_consecutive(ids.cpu(), return_counts=True)
+        ends = torch.cumsum(counts, 0).tolist()
+        return [(j, e - c, e) for j, c, e in zip(present.tolist(), counts.tolist(), ends)]
+
+    @torch.no_grad()
+    def merged(self, idx: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for j, lo, hi in self._segments(ids):
+            for sw in self.switchers:
+                sw.switch(self.names[j])
+            outs.append(self.base(idx[lo:hi]))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def swapped(self, idx: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for j, lo, hi in self._segments(ids):
+            set_adapter_ids(self.multi, [j] * (hi - lo), mode="segmented")
+            outs.append(self.multi(idx[lo:hi]))
+        return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------- where adapters live
+
+def adapter_nbytes(shapes: Iterable[tuple[int, int]], r: int, bytes_per_number: int = 2) -> int:
+    """Bytes of one rank-``r`` adapter on layers of the given (d, k) shapes: Σ r(d + k)·bytes."""
+    shapes = list(shapes)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or bytes_per_number < 1:
+        raise ValueError(f"r and bytes_per_number must be positive ints, got {r!r} and "
+                         f"{bytes_per_number!r}")
+    return sum(r * (d + k) for d, k in shapes) * bytes_per_number
+
+
+def lru_loads(batches: Iterable[Iterable[str]], capacity: int) -> list[int]:
+    """How many adapters each batch must load into a cache of ``capacity`` slots (LRU).
+
+    This is the policy of vLLM's ``max_loras`` slots on the device (and, one level down, of
+    its ``max_cpu_loras`` cache in host memory): every adapter a batch uses must be resident;
+    a missing one is copied in, evicting the least recently used. A batch that uses more
+    distinct adapters than there are slots cannot run (a server's scheduler holds some
+    requests back), so it raises.
+    """
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    cache: OrderedDict[str, None] = OrderedDict()
+    loads = []
+    for step, batch in enumerate(batches):
+        wanted = list(dict.fromkeys(batch))
+        if len(wanted) > capacity:
+            raise ValueError(f"batch {step} uses {len(wanted)} distinct adapters but the cache "
+                             f"has {capacity} slots; raise capacity or split the batch")
+        n = 0
+        for name in wanted:
+            if name in cache:
+                cache.move_to_end(name)
+            else:
+                n += 1
+                cache[name] = None
+                while len(cache) > capacity:
+                    victim = next(k for k in cache if k not in wanted)
+                    del cache[victim]
+        loads.append(n)
+    return loads
