@@ -286,6 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     opt.step()
     after = {n: full(p) for n, p in trainable(m).items()}
     sharded_state = lora_state_dict(m)
+    # What saving the parameters as they are would store: this rank's rows only.
+    first_b = next(n for n in sharded_state if n.endswith("lora_B"))
+    shard = dict(m.named_parameters())[first_b]
     per_rank = rank_bytes(m, opt)
     all_ranks: list[Any] = [None] * world
     dist.all_gather_object(all_ranks, per_rank)
@@ -301,6 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "per_rank_bytes": all_ranks,
         "state_dict_max_diff_vs_unsharded": max_diff(sharded_state, unsharded_state),
         "state_dict_keys": len(sharded_state),
+        "example_key": first_b, "example_local_shape": list(shard.to_local().shape),
+        "example_full_shape": list(shard.shape),
         "state_dict_first_keys": sorted(sharded_state)[:4],
     }
     # Merging after gathering: rank 0 rebuilds the unsharded model from the base it already
