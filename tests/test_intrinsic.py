@@ -306,3 +306,25 @@ def test_amplification_and_truncation_refuse_bad_input():
         truncate_updates(tiny_net(), tiny_net(), 0)
     with pytest.raises(ValueError, match="same nn.Linear layers"):
         delta_weights(tiny_net(), nn.Sequential(nn.Linear(7, 8)))
+
+
+@pytest.mark.parametrize("d", [4, 64, 1024])
+def test_adam_first_step_moves_theta_by_lr_sqrt_d(d):
+    """Adam's first step moves each z_j by lr (m̂/√v̂ = ±1), so ‖Δθ‖ = lr·√d when P has
+    orthonormal columns (D a power of two); SGD's step is the projected gradient step."""
+    torch.manual_seed(0)
+    # D = 63·32 + 32 = 2048; float64 so that θ − θ0 is not lost to rounding
+    model = nn.Sequential(nn.Linear(63, 32), nn.Tanh()).double()
+    x, target = torch.randn(8, 63, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)
+    lr = 1e-3
+    norms = {}
+    for name in ("adam", "sgd"):
+        sub = SubspaceModel(model, d, projection="hadamard", seed=1)
+        assert sub.D == 2048
+        opt = (torch.optim.Adam if name == "adam" else torch.optim.SGD)([sub.z], lr=lr)
+        (sub(x) - target).square().mean().backward()
+        grad_z = sub.z.grad.clone()
+        opt.step()
+        norms[name] = (sub.theta() - sub.theta0).norm().item(), grad_z.norm().item()
+    assert norms["adam"][0] == pytest.approx(lr * math.sqrt(d), rel=1e-3)
+    assert norms["sgd"][0] == pytest.approx(lr * norms["sgd"][1], rel=1e-4)

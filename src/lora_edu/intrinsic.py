@@ -12,8 +12,11 @@ ordinary training reaches is ``d90``. A dense ``P`` would hold ``D·d`` numbers 
 parameters and ``d = 1000`` is 4 GB), so :class:`SparseProjection` keeps ``s`` non-zeros per
 column and :class:`HadamardProjection` never stores ``P`` at all. Both have columns of unit
 Euclidean norm *exactly*, as Li et al. prescribe: a unit step in ``z`` moves ``θ`` by a unit
-step, so the learning rate means the same for every ``d``. :class:`SubspaceModel` wraps any
-``nn.Module`` so that its only trainable parameter is ``z``.
+step. Under plain SGD the step ``η P Pᵀ ∇θL`` is then the ordinary step projected onto the
+subspace, so ``η`` means the same for every ``d``. Adam is different: its first step moves
+every ``z_j`` by about ``η``, so ``‖Δθ‖ ≈ η √d`` grows with ``d`` (the learning rate must
+shrink like ``1/√d`` to keep the step size). :class:`SubspaceModel` wraps any ``nn.Module``
+so that its only trainable parameter is ``z``.
 
 **Intrinsic rank** (Hu et al., 2022, Section 7). For a weight ``W0 ∈ R^{d×k}`` and its
 fine-tuned value ``W0 + ΔW``: the singular values of ``ΔW``, the rank that keeps a fraction
@@ -173,9 +176,13 @@ class HadamardProjection(nn.Module):
     with :func:`fwht`), and ``R`` keeps ``D`` random distinct rows. Every entry of ``P`` is
     ``±1/√D``, so **every column has unit norm exactly**; columns are nearly orthogonal, and
     exactly orthonormal when ``D = L`` (``Hᵀ H = L·I``), in which case ``d = D`` makes ``P``
-    an orthogonal matrix and plain SGD on ``z`` retraces plain SGD on ``θ``. This is the
-    one-Hadamard member of the Fastfood family (Le et al., 2013) that Li et al. (2018) and
-    Aghajanyan et al. (2021) use to reach millions of parameters.
+    an orthogonal matrix and plain SGD on ``z`` retraces plain SGD on ``θ``.
+
+    This *simplifies* the Fastfood transform (Le et al., 2013) that Li et al. (2018) and
+    Aghajanyan et al. (2021) use, ``V = (1/(σ√d)) S H G Π H B`` (random signs ``B``, a
+    Hadamard ``H``, a random permutation ``Π``, a Gaussian diagonal ``G``, a second ``H``, a
+    scaling ``S``), to one Hadamard between random signs and random row and column choices:
+    the subsampled randomised Hadamard transform.
     """
 
     def __init__(self, D: int, d: int, seed: int = 0) -> None:
