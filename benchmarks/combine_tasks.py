@@ -91,7 +91,7 @@ def save_bf16(model: torch.nn.Module, directory: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -112,8 +112,8 @@ def main() -> int:
     print("base model:", base_scores, flush=True)
     inject_lora(model, config)
     adapters = {}
-    for task in TASKS:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: each finished seed gives a complete pair
+        for task in TASKS:
             result = train_one(model, tokenizer, task, seed, args.steps, args.batch_size,
                                args.lr, eval_sets, device)
             name = f"{task}-s{seed}"
