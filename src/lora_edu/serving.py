@@ -27,8 +27,8 @@ segmented path is fastest on a batch already sorted by adapter (:func:`sort_by_a
 per batch, as the servers' schedulers do); an unsorted batch is permuted in every layer.
 
 The factors are stored without padding in one *pool* of rank rows (every adapter's r_a rows of
-A and of Bᵀ, one after the other), the layout of S-LoRA's unified paging, which keeps adapters
-of different ranks (and the KV cache) in one paged memory.
+A and of Bᵀ, one after the other): a contiguous, unpaged version of what S-LoRA's unified
+paging does, which keeps adapters of different ranks and the KV cache in one pool of pages.
 
 **Swapping.** :class:`AdapterSwitcher` switches a layer between merged adapters by writing
 round(W0 + ΔW) from a copy of W0 in the weight's own dtype, so that no rounding error piles up
@@ -53,41 +53,63 @@ from torch import nn
 from lora_edu.lora import replace_module
 
 __all__ = ["MultiLoRALinear", "AdapterIds", "set_adapter_ids", "inject_multi_lora",
-           "choose_path", "SEGMENT_MIN_REQUESTS", "sort_by_adapter", "BottleneckAdapter", "add_bottleneck_adapters",
+           "choose_path", "SEGMENT_MIN_RANK_ROWS", "sort_by_adapter", "BottleneckAdapter", "add_bottleneck_adapters",
            "AdapterSwitcher", "interleaved_timings", "random_adapters", "multi_lora_gpt",
            "OneAdapterAtATime", "adapter_nbytes", "lru_loads"]
 
 #: How a batch names its adapters: one name (or index) per request.
 AdapterIds = Union[Sequence[str], Sequence[int], torch.Tensor]
 
-#: ``mode="auto"`` takes the segmented path when the batch holds at least this many requests
-#: per adapter present, and the gathered path otherwise. Set from the layer sweep of
-#: ``benchmarks/multi_adapter.py`` (``layer_sweep.best_min_requests`` in its result file): the
-#: threshold with the smallest worst-case slowdown against the faster path over its shapes.
-SEGMENT_MIN_REQUESTS = 8
+#: ``mode="auto"`` takes the segmented path when the gathered path would gather at least this
+#: many rank rows per adapter present (requests × r_max / adapters present), and the gathered
+#: path otherwise. Set from the layer sweep of ``benchmarks/multi_adapter.py``
+#: (``layer_sweep.best_threshold`` in its result file): the threshold with the smallest
+#: worst-case slowdown against the faster path over its shapes and ranks (near the crossover
+#: the two paths tie, so a rerun may pick a neighbouring power of two).
+SEGMENT_MIN_RANK_ROWS = 64
 
 
-def choose_path(requests: int, adapters_present: int, padding_fraction: float = 0.0,
-                min_requests: int = SEGMENT_MIN_REQUESTS) -> str:
+def choose_path(requests: int, adapters_present: int, r_max: int,
+                min_rank_rows: int = SEGMENT_MIN_RANK_ROWS) -> str:
     """The path ``mode="auto"`` takes for a batch of ``requests`` requests that uses
-    ``adapters_present`` distinct adapters: ``"segmented"`` when
+    ``adapters_present`` distinct adapters, the largest of rank ``r_max``: ``"segmented"`` when
 
-        requests / adapters_present >= min_requests · (1 − padding_fraction)
+        requests · r_max / adapters_present >= min_rank_rows
 
-    (few, long segments: one shrink/expand pair each costs little), else ``"gathered"``
-    (many short segments: the per-segment products cost more in calls than gathering every
-    request's factors does). ``padding_fraction`` = 1 − mean(r)/max(r) over the requests is
-    the share of the gathered path's work spent on padding; mixed ranks lower the bar for the
-    segmented path, which computes at each adapter's own rank."""
+    and ``"gathered"`` otherwise. The gathered path copies and multiplies requests · r_max
+    rank rows (every request padded to r_max) in one call; the segmented path makes one
+    shrink/expand pair of calls per adapter, at each adapter's own rank. So segmented wins
+    when segments are long (prefill, few adapters) or ranks are large or mixed (the padding
+    costs the gathered path), gathered when there are many short segments (decode over many
+    adapters)."""
     if requests < 1 or adapters_present < 1 or adapters_present > requests:
         raise ValueError(f"need 1 <= adapters_present <= requests, got {adapters_present} "
                          f"adapters for {requests} requests")
-    if min_requests < 1:
-        raise ValueError(f"min_requests must be >= 1, got {min_requests}")
-    if not 0.0 <= padding_fraction < 1.0:
-        raise ValueError(f"padding_fraction must be in [0, 1), got {padding_fraction}")
-    bar = min_requests * (1.0 - padding_fraction)
-    return "segmented" if requests >= bar * adapters_present else "gathered"
+    if r_max < 1 or min_rank_rows < 1:
+        raise ValueError(f"r_max and min_rank_rows must be >= 1, got {r_max} and "
+                         f"{min_rank_rows}")
+    return ("segmented" if requests * r_max >= min_rank_rows * adapters_present
+            else "gathered")
+
+
+class _BatchPlan:
+    """What every layer needs to know about one batch's adapter ids, computed once per batch
+    (not once per layer): the adapters present in sorted order, their request counts, and the
+    permutation that sorts the batch (``None`` when it arrives sorted)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        if len(ids) > 1 and not bool((ids[1:] >= ids[:-1]).all()):
+            self.order: torch.Tensor | None = torch.argsort(ids, stable=True)
+            self.inverse: torch.Tensor | None = torch.empty_like(self.order)
+            self.inverse[self.order] = torch.arange(len(ids), device=ids.device)
+            sorted_ids = ids[self.order]
+        else:
+            self.order = self.inverse = None
+            sorted_ids = ids
+        present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        self.present: list[int] = present.tolist()
+        self.counts: list[int] = counts.tolist()
 
 
 def sort_by_adapter(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +176,6 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("A_pool", A_pool)
         self.register_buffer("B_pool", B_pool)
         self.register_buffer("rank_rows", rank_rows.to(dev))
-        self.register_buffer("rank_tensor", ranks_t.to(dev))
         self.register_buffer("scaling", torch.tensor([float(s) for _, _, s in adapters.values()],
                                                      dtype=dtype, device=dev))
         self.ranks: tuple[int, ...] = tuple(ranks)
@@ -163,6 +184,7 @@ class MultiLoRALinear(nn.Module):
         self.mode = "auto"
         self.last_path: str | None = None  # the path the last forward took
         self._ids: torch.Tensor | None = None
+        self._plan: _BatchPlan | None = None
 
     # The padded stacks of the first version of this class, built on demand for inspection.
     @property
@@ -234,6 +256,7 @@ class MultiLoRALinear(nn.Module):
     def set_ids(self, ids: AdapterIds | None) -> None:
         """Which adapter each request of the next batches uses (``None``: base model only)."""
         self._ids = None if ids is None else self.resolve_ids(ids)
+        self._plan = None if ids is None else _BatchPlan(self._ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = W0 x + b + s_a·B_a A_a x per request; x: (batch, [T,] k) → (batch, [T,] d)."""
@@ -250,9 +273,9 @@ class MultiLoRALinear(nn.Module):
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])          # (batch, T, k)
         path = {"batched": "gathered"}.get(self.mode, self.mode)
         if path == "auto":
-            present = int(torch.unique(self._ids).numel())
-            r = self.rank_tensor[self._ids].float()
-            path = choose_path(flat.shape[0], present, float(1 - r.mean() / r.max()))
+            plan = self._plan
+            path = choose_path(flat.shape[0], len(plan.present),
+                               max(self.ranks[j] for j in plan.present))
         delta = {"gathered": self._gathered, "segmented": self._segmented,
                  "loop": self._looped}[path](flat)
         self.last_path = path
@@ -261,7 +284,7 @@ class MultiLoRALinear(nn.Module):
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         """BGMV-like: every request gathers its factors (padded to the batch's r_max)."""
         ids = self._ids
-        r_max = max(self.ranks[j] for j in torch.unique(ids).tolist())
+        r_max = max(self.ranks[j] for j in self._plan.present)
         rows = self.rank_rows[ids, :r_max]                         # (batch, r_max) pool rows
         # Gathering copies only the small factors (batch·r·(d+k) numbers), never a d×k matrix.
         low = torch.bmm(x, self.A_pool[rows].transpose(1, 2))      # (batch, T, r_max)
@@ -271,25 +294,18 @@ class MultiLoRALinear(nn.Module):
         """SGMV-like: requests sorted into segments by adapter (a batch that arrives sorted,
         as a server's scheduler arranges it, is not copied); one shrink and one expand
         product per segment, at the adapter's own rank, written in place."""
-        ids = self._ids
+        plan = self._plan
         n, T, k = x.shape
-        order = None
-        if n > 1 and not bool((ids[1:] >= ids[:-1]).all()):
-            order = torch.argsort(ids, stable=True)
-            x, ids = x.index_select(0, order), ids[order]
-        present, counts = torch.unique_consecutive(ids, return_counts=True)
+        if plan.order is not None:
+            x = x.index_select(0, plan.order)
         rows = x.reshape(n * T, k)
         out = torch.empty(n * T, self.B_pool.shape[1], dtype=x.dtype, device=x.device)
         start = 0
-        for j, c in zip(present.tolist(), (counts * T).tolist()):
-            self._shrink_expand(j, rows[start:start + c], out[start:start + c])
-            start += c
+        for j, c in zip(plan.present, plan.counts):
+            self._shrink_expand(j, rows[start:start + c * T], out[start:start + c * T])
+            start += c * T
         out = out.view(n, T, -1)
-        if order is None:
-            return out
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(n, device=order.device)
-        return out.index_select(0, inverse)
+        return out if plan.inverse is None else out.index_select(0, plan.inverse)
 
     def _shrink_expand(self, j: int, rows: torch.Tensor, out: torch.Tensor) -> None:
         """out = s_j · (rows A_jᵀ) B_jᵀ for rows (m, k) → out (m, d), at adapter j's rank."""
@@ -340,9 +356,16 @@ def set_adapter_ids(model: nn.Module, ids: AdapterIds | None, mode: str | None =
         raise ValueError("model has no MultiLoRALinear layer; build one with inject_multi_lora")
     if mode is not None and mode not in MultiLoRALinear.MODES:
         raise ValueError(f"mode must be one of {MultiLoRALinear.MODES}, got {mode!r}")
-    resolved = [None if ids is None else layer.resolve_ids(ids) for layer in layers]
-    for layer, idx in zip(layers, resolved):
-        layer._ids = idx
+    resolved: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+    for layer in layers:  # validate for every kind of layer before changing any
+        key = (layer.names, layer.A_pool.device)
+        if ids is not None and key not in resolved:
+            resolved[key] = layer.resolve_ids(ids)
+    plans = {key: _BatchPlan(idx) for key, idx in resolved.items()}  # once per batch
+    for layer in layers:
+        key = (layer.names, layer.A_pool.device)
+        layer._ids = None if ids is None else resolved[key]
+        layer._plan = None if ids is None else plans[key]
         layer.mode = mode or layer.mode
 
 
