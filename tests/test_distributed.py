@@ -62,7 +62,8 @@ def test_hook_bytes_equal_allreduce_bytes(runs: dict, model: str) -> None:
 def test_fsdp_shards_everything_in_halves(runs: dict, model: str) -> None:
     res = runs[model]
     assert res["fsdp_lora"]["params_are_dtensors"]
-    for sharded, one in (("fsdp_lora", "one_rank_lora_bytes"), ("fsdp_full", "one_rank_full_bytes")):
+    for sharded, one in (("fsdp_lora", "one_rank_lora_bytes"),
+                         ("fsdp_full", "one_rank_full_bytes")):
         ranks = res[sharded]["per_rank_bytes"]
         for key in ("params", "grads", "optimizer"):
             assert sum(r[key] for r in ranks) == res[one][key]
@@ -78,6 +79,14 @@ def test_fsdp_shards_everything_in_halves(runs: dict, model: str) -> None:
         assert paper["optimizer"] == measured["optimizer"]
     assert step_traffic(n_base, n_lora, "lora", "ddp", 2, "fp32") == \
         res["ddp_lora"]["hook_bytes"]  # 2(N-1)/N = 1 at N = 2
+    # FSDP2: every unit's weights gathered twice (forward, backward), LoRA grads scattered once
+    traffic = res["fsdp_lora"]["traffic"]
+    weights = res["one_rank_lora_bytes"]["params"]
+    assert traffic["block_weight_bytes"] + traffic["root_weight_bytes"] == weights
+    assert traffic["gathered"] == 2 * weights
+    assert traffic["reduce_scattered"] == res["ddp_lora"]["allreduce_bytes"]
+    assert step_traffic(n_base, n_lora, "lora", "fsdp", 2, "fp32") == \
+        (traffic["gathered"] + traffic["reduce_scattered"]) / 2
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -39,7 +39,7 @@ from lora_edu.adapters import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _adapter_nam
 from lora_edu.lora import lora_layers
 
 __all__ = ["shard_lora_model", "lora_state_dict", "allreduce_bytes", "find_blocks",
-           "AllreduceCounter", "rank_bytes", "save_peft_adapter_sharded",
+           "AllreduceCounter", "FSDPTrafficCounter", "rank_bytes", "save_peft_adapter_sharded",
            "single_process_group", "training_bytes", "step_traffic", "BYTES_PER_PARAM"]
 
 #: Where the transformer blocks live, tried in order: lora_edu's GPT, transformers' Llama
@@ -244,7 +244,7 @@ class AllreduceCounter:
         return counter
 
     @staticmethod
-    def hook(state, bucket):  # noqa: ANN001, ANN205 (DDP checks the annotations' types)
+    def hook(state, bucket):  # unannotated: DDP checks annotations against its own types
         """Count ``bucket``'s flat gradient buffer, then average it over ranks."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -252,6 +252,52 @@ class AllreduceCounter:
         state.bytes += buffer.numel() * buffer.element_size()
         state.buckets += 1
         return default_hooks.allreduce_hook(state.process_group, bucket)
+
+
+class FSDPTrafficCounter:
+    """FSDP2's counterpart of :class:`AllreduceCounter`: counts what each collective moves.
+
+    ``counter = FSDPTrafficCounter.register(sharded_model)`` installs, on every FSDP unit,
+    an all-gather and a reduce-scatter (``FSDPModule.set_custom_all_gather`` /
+    ``set_custom_reduce_scatter``) that call PyTorch's default ones and add up the size of
+    the *full* tensors: ``gathered`` (bytes of weights all-gathered, each unit once per
+    gather) and ``reduce_scattered`` (bytes of gradient reduce-scattered). A ring sends
+    (N−1)/N of each per rank.
+    """
+
+    def __init__(self) -> None:
+        self.gathered = 0
+        self.reduce_scattered = 0
+        self.all_gathers = 0
+        self.reduce_scatters = 0
+
+    @classmethod
+    def register(cls, model: nn.Module) -> FSDPTrafficCounter:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+            DefaultAllGather, DefaultReduceScatter)
+
+        counter = cls()
+
+        class CountingAllGather(DefaultAllGather):
+            def __call__(self, output_tensor, input_tensor, group, async_op=False):
+                counter.gathered += output_tensor.numel() * output_tensor.element_size()
+                counter.all_gathers += 1
+                return super().__call__(output_tensor, input_tensor, group, async_op)
+
+        class CountingReduceScatter(DefaultReduceScatter):
+            def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+                counter.reduce_scattered += input_tensor.numel() * input_tensor.element_size()
+                counter.reduce_scatters += 1
+                return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+        units = [m for m in _unwrap(model).modules() if isinstance(m, FSDPModule)]
+        if not units:
+            raise ValueError("model is not sharded: call shard_lora_model(model) first")
+        for unit in units:
+            unit.set_custom_all_gather(CountingAllGather())
+            unit.set_custom_reduce_scatter(CountingReduceScatter())
+        return counter
 
 
 def rank_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None

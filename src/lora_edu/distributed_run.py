@@ -44,7 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lora_edu.distributed import (AllreduceCounter, allreduce_bytes, find_blocks,
+from lora_edu.distributed import (AllreduceCounter, FSDPTrafficCounter, allreduce_bytes,
+                                  find_blocks,
                                   lora_state_dict, rank_bytes, save_peft_adapter_sharded,
                                   shard_lora_model)
 from lora_edu.lora import LoraConfig, count_parameters, inject_lora, lora_layers, merge_and_unload
@@ -279,9 +280,19 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     # 4. FSDP2 with LoRA -------------------------------------------------------------
     m = shard_lora_model(copy.deepcopy(lora_model), mesh=mesh)
+    traffic = FSDPTrafficCounter.register(m)
     opt = torch.optim.AdamW(trainable(m).values(), lr=args.lr)
     loss = loss_fn(m, xl, yl)
     loss.backward()
+    step_traffic = {"gathered": traffic.gathered, "all_gathers": traffic.all_gathers,
+                    "reduce_scattered": traffic.reduce_scattered,
+                    "reduce_scatters": traffic.reduce_scatters}
+    _, blocks = find_blocks(m)
+    block_ids = {id(p) for b in blocks for p in b.parameters()}
+    step_traffic["block_weight_bytes"] = sum(p.numel() * p.element_size()
+                                             for p in m.parameters() if id(p) in block_ids)
+    step_traffic["root_weight_bytes"] = sum(p.numel() * p.element_size()
+                                            for p in m.parameters() if id(p) not in block_ids)
     grads = {n: full(p.grad) for n, p in trainable(m).items()}
     opt.step()
     after = {n: full(p) for n, p in trainable(m).items()}
@@ -302,6 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "frozen_params_without_grad": all(p.grad is None for p in m.parameters()
                                           if not p.requires_grad),
         "per_rank_bytes": all_ranks,
+        "traffic": step_traffic,
         "state_dict_max_diff_vs_unsharded": max_diff(sharded_state, unsharded_state),
         "state_dict_keys": len(sharded_state),
         "example_key": first_b, "example_local_shape": list(shard.to_local().shape),
