@@ -349,3 +349,23 @@ def test_one_adapter_at_a_time_baselines_equal_the_batched_model() -> None:
     assert not torch.allclose(batched, base(idx), atol=1e-4)
     with pytest.raises(ValueError, match="sorted by adapter"):
         baseline.merged(idx, torch.tensor([1, 0, 0, 0, 0, 0]))
+
+
+def test_committed_benchmark_names_the_figures_the_chapter_reads() -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/multi_adapter-cpu.json"
+    rec = json.loads(path.read_text())
+    fig = rec["figures"]["decode_32_adapters"]
+    assert fig["batched_over_one_at_a_time_ratio"] > 0
+    lo, hi = (fig["batched_over_one_at_a_time_per_round"][k] for k in ("min", "max"))
+    assert lo <= hi
+    for shape in ("prefill", "decode"):
+        for n in (8, 32, 128):
+            for suffix in ("", "_zipf"):
+                f = rec["figures"][f"{shape}_{n}_adapters{suffix}"]
+                assert f["auto_path"] in ("segmented", "gathered")
+                assert {"auto_over_loop_ratio", "segmented_over_gathered_ratio"} <= set(f)
+        assert rec["figures"][f"{shape}_32_adapters_mixed_ranks"]["padding_fraction_gathered"] > 0
+    assert rec["where_adapters_live"]["cache"]["by_slots"]
