@@ -260,15 +260,15 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = W0 x + b + s_a·B_a A_a x per request; x: (batch, [T,] k) → (batch, [T,] d)."""
+        if self.mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {self.mode!r}")
+        if self._ids is not None and x.shape[0] != self._ids.shape[0]:
+            raise ValueError(f"the batch has {x.shape[0]} requests but {self._ids.shape[0]} "
+                             "adapter ids were set; call set_adapter_ids with one id per request")
         result = self.base(x)
         if self._ids is None:
             self.last_path = None
             return result
-        if x.shape[0] != self._ids.shape[0]:
-            raise ValueError(f"the batch has {x.shape[0]} requests but {self._ids.shape[0]} "
-                             "adapter ids were set; call set_adapter_ids with one id per request")
-        if self.mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {self.mode!r}")
         xs = x.to(self.A_pool.dtype)
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])          # (batch, T, k)
         path = {"batched": "gathered"}.get(self.mode, self.mode)
