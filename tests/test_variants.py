@@ -321,3 +321,26 @@ def test_config_rejects_bad_variant_values() -> None:
         LoraConfig(use_dora="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="init_lora_weights must be one of"):
         LoraConfig(init_lora_weights="svd")
+
+
+def test_dora_detach_norm_only_changes_gradients() -> None:
+    """n as a constant (PEFT, the paper's §4.3) or with its gradient: same output, other grads."""
+    seed_all(0)
+    layer = DoRALinear(nn.Linear(12, 10), r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    grads = {}
+    for detach in (True, False):
+        layer.detach_norm = detach
+        layer.zero_grad()
+        out = layer(X)
+        (out ** 2).sum().backward()
+        grads[detach] = (out.detach(), layer.lora_B.grad.clone())
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    assert (grads[True][1] - grads[False][1]).abs().max() > 1e-4
+    # With the norm's gradient, B's gradient is the exact one of diag(m/n)(W0 + sBA) x.
+    w = lambda B: layer.base.weight + layer.scaling * B @ layer.lora_A
+    exact = torch.func.grad(lambda B: ((X @ ((layer.magnitude / w(B).norm(dim=1))[:, None]
+                                             * w(B)).T + layer.base.bias) ** 2).sum())(
+        layer.lora_B.detach())
+    torch.testing.assert_close(grads[False][1], exact, atol=1e-4, rtol=1e-4)

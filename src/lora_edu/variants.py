@@ -137,7 +137,9 @@ class DoRALinear(LoRALinear):
 
     At initialisation m = n, so h = W0 x + b exactly as with LoRA. As in the paper (§4.3) and
     PEFT, n is treated as a constant in the backward pass (``detach``): the gradient reaches
-    A, B through the direction and m through the magnitude, at a fraction of the memory.
+    A, B through the direction and m through the magnitude, at a fraction of the memory. Set
+    ``detach_norm = False`` to back-propagate through n as well (the paper's ablation; not a
+    PEFT option).
 
     Forward, for x of shape (..., k), with dropout p applied to x (PEFT's formula)::
 
@@ -147,7 +149,10 @@ class DoRALinear(LoRALinear):
 
     Attributes (besides :class:`LoRALinear`'s):
         magnitude: ``nn.Parameter`` of shape (d,), trainable.
+        detach_norm: whether n is a constant in the backward pass (default ``True``, as PEFT).
     """
+
+    detach_norm: bool = True
 
     def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, **kwargs: Any) -> None:
@@ -185,7 +190,8 @@ class DoRALinear(LoRALinear):
                 base_out = base_out - self.base.bias.to(x_lora.dtype)
         else:  # the dropped-out x must reach W0 too, or the (m/n − 1) term would use another x
             base_out = F.linear(x_lora, self._w0())
-        scale = self.magnitude / self.weight_norm().detach()
+        norm = self.weight_norm()
+        scale = self.magnitude / (norm.detach() if self.detach_norm else norm)
         lora_out = (x_lora @ self.lora_A.T) @ self.lora_B.T * self.scaling
         return result + ((scale - 1) * base_out + scale * lora_out).to(result.dtype)
 
