@@ -17,6 +17,20 @@ Usage in a notebook::
 
 Every checker accepts ``raise_on_failure=True`` to raise ``AssertionError`` instead, for use
 in autograders.
+
+=================================  ==============================================  =======
+checker                            the student writes                              chapter
+=================================  ==============================================  =======
+:func:`check_rank`                 ``fn(W) -> int``                                1
+:func:`check_low_rank_approx`      ``fn(W, r) -> W_r``                             2
+:func:`check_lora_forward`         ``fn(x, W0, b, A, B, alpha, r) -> h``           6
+:func:`check_merge_unmerge`        ``merge(W0, A, B, alpha, r) -> W`` (+ inverse)  6, 11
+:func:`check_subspace_similarity`  ``fn(A1, A2, i, j) -> φ``                       9
+:func:`check_multi_lora_forward`   ``fn(x, W0, b, As, Bs, scalings, ids) -> h``    11
+:func:`check_nf4_quantize`         ``fn(W, block_size) -> Ŵ``                      13
+:func:`check_pissa_init`           ``fn(W, r, scaling) -> (A, B, W_res)``          14
+:func:`check_dora_forward`         ``fn(x, W0, b, A, B, m, alpha, r) -> h``        14
+=================================  ==============================================  =======
 """
 
 from __future__ import annotations
@@ -25,13 +39,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lora_edu.intrinsic import subspace_similarity
 from lora_edu.linalg import low_rank_approx, numerical_rank
 from lora_edu.quant import nf4_codebook, quantize_nf4
+from lora_edu.serving import MultiLoRALinear
+from lora_edu.variants import DoRALinear, pissa_factors
 
 __all__ = ["CheckResult", "check_rank", "check_low_rank_approx", "check_lora_forward",
-           "check_merge_unmerge", "check_nf4_quantize"]
+           "check_merge_unmerge", "check_nf4_quantize", "check_subspace_similarity",
+           "check_dora_forward", "check_pissa_init", "check_multi_lora_forward"]
 
 
 @dataclass
@@ -329,4 +347,428 @@ def check_nf4_quantize(student_fn: Callable[[Tensor, int], Tensor], *,
                 why = ("the values are on the NF4 grid but some are not the nearest code: "
                        "round each normalised value to the closest of the 16 codes")
         return finish(f"on {label}: {why}")
+    return finish(None)
+
+
+def _first_match(got: Tensor, candidates: dict[str, Tensor], **tol: float) -> str | None:
+    """The message of the first wrong-answer candidate that ``got`` equals, if any."""
+    return next((why for why, wrong in candidates.items() if _close(got, wrong, **tol)), None)
+
+
+# --------------------------------------------------------------------------- subspace φ
+
+def _phi(V1: Tensor, V2: Tensor, i: int, j: int, norm: float | None = None,
+         square: bool = True) -> float:
+    """‖V1[:, :i]ᵀ V2[:, :j]‖_F² / norm (default min(i, j)), for column bases V1, V2."""
+    overlap = torch.linalg.matrix_norm(V1[:, :i].T @ V2[:, :j])
+    return float((overlap ** 2 if square else overlap) / (min(i, j) if norm is None else norm))
+
+
+def check_subspace_similarity(student_phi: Callable[[Tensor, Tensor, int, int], float], *,
+                              raise_on_failure: bool = False,
+                              verbose: bool = True) -> CheckResult:
+    """Check ``student_phi(A1, A2, i, j) -> φ``, the LoRA paper's subspace similarity (eq. 4).
+
+    ``A1`` is r1×k and ``A2`` r2×k (float64). With ``V1ᵢ`` the top-``i`` **right** singular
+    vectors of A1 (k×i) and ``V2ⱼ`` the top-``j`` of A2, φ = ‖V1ᵢᵀ V2ⱼ‖_F² / min(i, j) ∈ [0, 1].
+    The reference is :func:`lora_edu.intrinsic.subspace_similarity`. The cases have i ≠ j
+    (to tell min from max), equal ranks r1 = r2 (so that the left singular vectors, r×r, can be
+    used by mistake and caught), and a pair with the same row space (φ = 1).
+    """
+    gen = torch.Generator().manual_seed(5)
+    k = 16
+
+    def rand(r: int) -> Tensor:
+        return torch.randn(r, k, generator=gen, dtype=torch.float64)
+
+    A_shared = rand(3)
+    cases = [(rand(4), rand(4), 2, 3), (rand(6), rand(3), 4, 1),
+             (A_shared, torch.randn(3, 3, generator=gen, dtype=torch.float64) @ A_shared, 2, 3),
+             (rand(3), rand(5), 1, 5)]
+    finish = _reporter("subspace similarity φ", len(cases), raise_on_failure, verbose)
+    for A1, A2, i, j in cases:
+        label = (f"A1 {A1.shape[0]}×{k}, A2 {A2.shape[0]}×{k}, i={i}, j={j}"
+                 + (" (the same row space: φ = 1)" if A1 is A_shared else ""))
+        got, error = _call(student_phi, A1.clone(), A2.clone(), i, j)
+        if error:
+            return finish(f"with {label}: {error}")
+        try:
+            value = float(got)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return finish(f"with {label}: return one number, got {type(got).__name__}")
+        expected = subspace_similarity(A1, A2, i, j)
+        if abs(value - expected) <= 1e-6:
+            continue
+        U1, _, Vh1 = torch.linalg.svd(A1, full_matrices=False)
+        U2, _, Vh2 = torch.linalg.svd(A2, full_matrices=False)
+        V1, V2 = Vh1.T, Vh2.T
+        Vf1, Vf2 = torch.linalg.svd(A1).Vh, torch.linalg.svd(A2).Vh  # k×k, rows = vectors
+        candidates = {
+            "you divided by max(i, j) (or by the larger of i, j); φ divides by min(i, j), "
+            "the most the squared overlap can be": _phi(V1, V2, i, j, norm=max(i, j)),
+            "you did not normalise: divide ‖V1ᵢᵀ V2ⱼ‖_F² by min(i, j) so that φ ∈ [0, 1]":
+                _phi(V1, V2, i, j, norm=1.0),
+            "you did not square the Frobenius norm: φ = ‖V1ᵢᵀ V2ⱼ‖_F² / min(i, j)":
+                _phi(V1, V2, i, j, square=False),
+            "you took the columns of Vh: torch.linalg.svd returns Vᵀ, so the right singular "
+            "vectors are its rows (V = Vh.T, then V[:, :i])": _phi(Vf1, Vf2, i, j),
+            "you took the *smallest* singular directions; torch.linalg.svd sorts them in "
+            "descending order, so the top i are the first i rows of Vh":
+                _phi(V1.flip(1), V2.flip(1), i, j),
+            "you orthonormalised the rows of A (QR) instead of taking its top singular "
+            "vectors; the first i rows of A are not its i most important directions":
+                _phi(torch.linalg.qr(A1.T).Q, torch.linalg.qr(A2.T).Q, i, j),
+        }
+        if A1.shape[0] == A2.shape[0]:
+            candidates["you used the left singular vectors U (r×r): they only describe a basis "
+                       "of the r-dim bottleneck, which each run picks arbitrarily; φ compares "
+                       "the right singular vectors, which live in the input space R^k"] = \
+                _phi(U1, U2, i, j)
+            candidates["you took the columns of Vh (r×k): torch.linalg.svd returns Vᵀ, so the "
+                       "right singular vectors are its rows (V = Vh.T, then V[:, :i])"] = \
+                _phi(Vh1, Vh2, i, j)
+        why = next((m for m, wrong in candidates.items() if abs(value - wrong) <= 1e-6), None)
+        if why is None:
+            why = f"you returned {value:.6g}, expected {expected:.6g}"
+            if not 0 <= value <= 1 + 1e-9:
+                why += " (φ always lies in [0, 1])"
+        return finish(f"with {label}: {why}")
+    return finish(None)
+
+
+# --------------------------------------------------------------------------- DoRA
+
+def _dora_reference(x: Tensor, W0: Tensor, b: Tensor, A: Tensor, B: Tensor, m: Tensor,
+                    alpha: float, r: int, G: Tensor, detach_norm: bool
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    """DoRALinear's output and the gradients of ⟨h, G⟩ with respect to A, B and m."""
+    d, k = W0.shape
+    base = nn.Linear(k, d, dtype=W0.dtype)
+    with torch.no_grad():
+        base.weight.copy_(W0)
+        base.bias.copy_(b)
+    layer = DoRALinear(base, r=r, lora_alpha=alpha)
+    layer.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+        layer.magnitude.copy_(m)
+    params = {"A": layer.lora_A, "B": layer.lora_B, "m": layer.magnitude}
+    for p in params.values():
+        p.requires_grad_(True)
+    layer.detach_norm = detach_norm
+    h = layer(x)
+    grads = torch.autograd.grad((h * G).sum(), list(params.values()))
+    return h.detach(), dict(zip(params, grads))
+
+
+def check_dora_forward(student_forward: Callable[..., Tensor], *, detach_norm: bool = True,
+                       raise_on_failure: bool = False, verbose: bool = True) -> CheckResult:
+    """Check ``student_forward(x, W0, b, A, B, m, alpha, r) -> h``, a DoRA layer, and its gradients.
+
+    Shapes: ``x`` (n, k), ``W0`` (d, k), ``b`` (d,), ``A`` (r, k), ``B`` (d, r), ``m`` (d,).
+    With V = W0 + (α/r)·B A and n = the row norms of V (one per output, shape (d,)),
+
+        h = diag(m / n) V x + b        (Liu et al., 2024; :class:`lora_edu.variants.DoRALinear`)
+
+    The checker also back-propagates a fixed random ⟨h, G⟩ into A, B and m (passed with
+    ``requires_grad=True``) and compares the gradients with the reference: with
+    ``detach_norm=True`` (the default; the paper's §4.3 and PEFT) n is a constant in the
+    backward pass, ``n.detach()``, while m and the direction V keep their gradients; with
+    ``detach_norm=False`` the exact gradient through n is expected.
+    """
+    gen = torch.Generator().manual_seed(6)
+    # (d, k, r, α, init): the square case first, so that a norm over the wrong axis runs
+    configs = [(6, 6, 2, 4.0, False), (5, 8, 3, 6.0, False), (7, 4, 1, 3.0, False),
+               (5, 8, 2, 4.0, True)]
+    finish = _reporter("DoRA forward and gradients", len(configs), raise_on_failure, verbose)
+    for d, k, r, alpha, init in configs:
+        f64 = {"generator": gen, "dtype": torch.float64}
+        x, W0, b = torch.randn(4, k, **f64), torch.randn(d, k, **f64), torch.randn(d, **f64)
+        A = torch.randn(r, k, **f64)
+        B = torch.zeros(d, r, dtype=torch.float64) if init else torch.randn(d, r, **f64)
+        s = alpha / r
+        V = W0 + s * B @ A
+        n_row = torch.linalg.vector_norm(V, dim=1)
+        m = n_row.clone() if init else n_row * (0.5 + torch.rand(d, **f64))
+        G = torch.randn(4, d, **f64)
+        label = (f"d={d}, k={k}, r={r}, α={alpha:g}"
+                 + (", at initialisation (B = 0, m = ‖W0‖ per row)" if init else ""))
+        leaves = [t.clone().requires_grad_(True) for t in (A, B, m)]
+        got, error = _call_for_tensor("the output", student_forward, x.clone(), W0.clone(),
+                                      b.clone(), leaves[0], leaves[1], leaves[2], alpha, r)
+        if error:
+            if d != k and any(w in error for w in ("size", "shape", "match")):
+                error += (" (is your norm over the right axis? n has one entry per output "
+                          "row of V: torch.linalg.vector_norm(V, dim=1), shape (d,))")
+            return finish(f"with {label}: {error}")
+        assert isinstance(got, Tensor)
+        expected, ref_grads = _dora_reference(x, W0, b, A, B, m, alpha, r, G, detach_norm)
+        if got.shape != expected.shape:
+            return finish(f"with {label}: the output has shape {tuple(got.shape)}, expected "
+                          f"(n, d) = {tuple(expected.shape)}")
+        if not _close(got.detach(), expected):
+            V1 = W0 + B @ A
+            candidates = {
+                "the LoRA update is not scaled: V = W0 + (α/r) B A, then normalise":
+                    x @ ((m / torch.linalg.vector_norm(V1, dim=1))[:, None] * V1).T + b,
+                "you normalised by the norm of W0 alone; DoRA normalises the adapted weight "
+                "V = W0 + (α/r) B A": x @ ((m / torch.linalg.vector_norm(W0, dim=1))[:, None]
+                                            * V).T + b,
+                "you multiplied by m without dividing by the norm: W' = m · V / ‖V‖ per row":
+                    x @ (m[:, None] * V).T + b,
+                "you divided by the norm of the whole matrix (‖V‖_F); DoRA takes one norm per "
+                "output row, n_i = ‖V_{i,:}‖": x @ (m[:, None] * V / torch.linalg.matrix_norm(V)).T
+                + b,
+                "the magnitude m is ignored: this is plain LoRA's output, W0 x + (α/r) B A x + b":
+                    x @ V.T + b,
+                "the bias is scaled too: DoRA rescales the weight only, h = diag(m/n) V x + b":
+                    (x @ V.T + b) * (m / n_row),
+                "the bias is missing: h = diag(m/n) V x + b":
+                    x @ ((m / n_row)[:, None] * V).T,
+            }
+            if d == k:
+                n_col = torch.linalg.vector_norm(V, dim=0)
+                axis = ("the norm is over the wrong axis: you took column norms (one per input, "
+                        "dim=0); with W0 stored as (d, k) = (out, in) DoRA takes one norm per "
+                        "output row, torch.linalg.vector_norm(V, dim=1), as PEFT does (the paper "
+                        "stores W as (in, out) with m ∈ R^{1×k}, so its column norm ‖·‖_c is "
+                        "a norm per output: our row norm)")
+                candidates[axis] = x @ ((m / n_col)[:, None] * V).T + b
+                candidates[axis + "; and m scales the columns"] = x @ (V * (m / n_col)).T + b
+            why = _first_match(got.detach(), candidates) or \
+                f"max |difference| = {(got.detach() - expected).abs().max().item():.3g}"
+            if init and why.startswith("max"):
+                why = ("at initialisation (B = 0, m = the row norms of W0) the output must equal "
+                       "W0 x + b exactly; " + why)
+            return finish(f"with {label}: {why}")
+        if not got.requires_grad:
+            return finish(f"with {label}: the output carries no gradient; build it from A, B "
+                          "and m with torch operations (no .detach(), .data, numpy or "
+                          "torch.no_grad()) so that training can update them")
+        grads = torch.autograd.grad((got * G.to(got.dtype)).sum(), leaves, allow_unused=True)
+        _, other = _dora_reference(x, W0, b, A, B, m, alpha, r, G, not detach_norm)
+        for name, grad in zip("ABm", grads):
+            want = ref_grads[name]
+            if grad is not None and _close(grad, want, rtol=1e-5, atol=1e-8):
+                continue
+            zero = grad is None or not bool(grad.abs().max() > 0)
+            if name == "m" and zero:
+                why = ("m gets no gradient: you detached the magnitude (or used m.data). Only "
+                       "the norm n is treated as a constant; m is what DoRA learns")
+            elif zero and bool(want.abs().max() > 0):
+                why = (f"{name} gets no gradient: you detached the whole direction V / n; "
+                       "detach only the norm, (W0 + sBA) / n.detach()")
+            elif grad is not None and _close(grad, other[name], rtol=1e-5, atol=1e-8):
+                why = (f"the gradient of {name} is the exact one, through the norm n; the paper "
+                       "(§4.3) and PEFT treat n as a constant, n.detach(), to save memory (pass "
+                       "detach_norm=False to this checker if you meant the exact gradient)"
+                       if detach_norm else
+                       f"the gradient of {name} treats the norm as a constant (n.detach()); "
+                       "with detach_norm=False the exact gradient through n is expected")
+            else:
+                gap = "no gradient" if grad is None else \
+                    f"max |difference| = {(grad - want).abs().max().item():.3g}"
+                why = f"the gradient with respect to {name} differs from the reference: {gap}"
+            return finish(f"with {label}: the output is right but {why}")
+    return finish(None)
+
+
+# --------------------------------------------------------------------------- PiSSA
+
+def check_pissa_init(student_fn: Callable[[Tensor, int, float], tuple[Tensor, Tensor, Tensor]],
+                     *, raise_on_failure: bool = False, verbose: bool = True) -> CheckResult:
+    """Check ``student_fn(W, r, scaling) -> (A, B, W_res)``, PiSSA's initialisation.
+
+    With the SVD W = U Σ Vᵀ (W is d×k) and its top r triplets, PiSSA (Meng et al., 2024) sets
+
+        A = (Σ_r/s)^½ V_rᵀ  (r×k),   B = U_r (Σ_r/s)^½  (d×r),   W_res = W − s·B A  (d×k),
+
+    so that s·B A = U_r Σ_r V_rᵀ (the best rank-r part of W) and W_res + s·B A = W: the layer's
+    output is unchanged at the start. The reference is :func:`lora_edu.variants.pissa_factors`.
+    Singular vectors are defined up to sign, so the checker compares sign-free quantities: the
+    product s·B A, the residual, and the split A Aᵀ = BᵀB = diag(Σ_r/s). ``W`` must not be
+    modified in place.
+    """
+    gen = torch.Generator().manual_seed(7)
+    # (d, k, r, s): the square case first, so that swapped U and V still run (and are caught)
+    configs = [(8, 8, 2, 2.0), (6, 10, 3, 0.5), (12, 5, 2, 4.0)]
+    finish = _reporter("PiSSA initialisation", len(configs), raise_on_failure, verbose)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    for d, k, r, s in configs:
+        W = torch.randn(d, k, generator=gen, dtype=torch.float64)
+        label = f"W of shape {d}×{k}, r={r}, s={s:g}"
+        W_given = W.clone()
+        got, error = _call(student_fn, W_given, r, s)
+        if error:
+            return finish(f"on {label}: {error}")
+        if not (isinstance(got, (tuple, list)) and len(got) == 3
+                and all(isinstance(t, Tensor) for t in got)):
+            return finish(f"on {label}: return three tensors (A, B, W_res), got "
+                          f"{type(got).__name__}")
+        A, B, W_res = (t.detach().to(torch.float64) for t in got)
+        if not torch.equal(W_given, W):
+            return finish(f"on {label}: your function changed W in place; return W_res as a "
+                          "new tensor (pissa_init_ writes it into the layer afterwards)")
+        _, _, ref_res = pissa_factors(W, r, s)
+        if A.shape != (r, k) or B.shape != (d, r):
+            why = (f"A has shape {tuple(A.shape)} and B {tuple(B.shape)}; expected A (r×k) = "
+                   f"({r}, {k}) and B (d×r) = ({d}, {r})")
+            if A.shape == (r, d) or B.shape == (k, r):
+                why += (": you swapped the singular vectors. A reads the input (k), so it takes "
+                        "the right singular vectors, the first r rows of Vh; B writes the "
+                        "output (d), so it takes the first r columns of U")
+            return finish(f"on {label}: {why}")
+        if W_res.shape != W.shape:
+            return finish(f"on {label}: W_res has shape {tuple(W_res.shape)}, expected W's "
+                          f"{tuple(W.shape)}")
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        top = (U[:, :r] * S[:r]) @ Vh[:r]
+        product = s * B @ A
+        if not _close(product, top, **tol):
+            candidates = {
+                "you did not divide Σ by the scaling s: the layer multiplies B A by s, so "
+                "A = (Σ_r/s)^½ V_rᵀ and B = U_r (Σ_r/s)^½ make s·B A = U_r Σ_r V_rᵀ":
+                    s * top,
+                "you did not take the square root: A = Σ Vᵀ and B = U Σ multiply to U Σ² Vᵀ; "
+                "each factor gets (Σ_r/s)^½": (U[:, :r] * S[:r] ** 2) @ Vh[:r] / s,
+                "you took the r *smallest* singular triplets (that is MiLoRA); "
+                "torch.linalg.svd sorts them in descending order, PiSSA takes the first r":
+                    (U[:, -r:] * S[-r:]) @ Vh[-r:],
+            }
+            if d == k:
+                candidates["you swapped the singular vectors: s·B A came out as (U_r Σ_r V_rᵀ)ᵀ. "
+                           "A reads the input, so it takes the right singular vectors (rows of "
+                           "Vh); B takes the left ones (columns of U)"] = top.T
+            why = _first_match(product, candidates, **tol) or (
+                "s·B A should be the best rank-r part of W, U_r Σ_r V_rᵀ; max |difference| = "
+                f"{(product - top).abs().max().item():.3g}")
+            return finish(f"on {label}: {why}")
+        if not _close(W_res, ref_res, **tol):
+            candidates = {
+                "W_res is W itself: subtract the principal part, W_res = W − s·B A, or the "
+                "layer computes W + s·B A (the principal part twice) at the start": W,
+                "you subtracted B A without the scaling: W_res = W − s·B A": W - B @ A,
+                "you returned the principal part as the residual: W_res = W − s·B A is what "
+                "is left after it": top,
+            }
+            why = _first_match(W_res, candidates, **tol) or (
+                "W_res should be W − s·B A; max |difference| = "
+                f"{(W_res - ref_res).abs().max().item():.3g}")
+            return finish(f"on {label}: {why}")
+        gram_A, gram_B, want = A @ A.T, B.T @ B, torch.diag(S[:r] / s)
+        if not (_close(gram_A, want, **tol) and _close(gram_B, want, **tol)):
+            eye = torch.eye(r, dtype=torch.float64)
+            if _close(gram_B, eye, **tol):
+                where = "all of Σ_r/s went into A (B = U_r has orthonormal columns)"
+            elif _close(gram_A, eye, **tol):
+                where = "all of Σ_r/s went into B (A = V_rᵀ has orthonormal rows)"
+            else:
+                where = "A Aᵀ and BᵀB should both be diag(Σ_r/s)"
+            return finish(f"on {label}: s·B A is right but Σ is not split evenly: {where}. "
+                          "PiSSA gives each factor the square root, A = (Σ_r/s)^½ V_rᵀ and "
+                          "B = U_r (Σ_r/s)^½, so that both start at the same scale and learn "
+                          "at the same rate")
+    return finish(None)
+
+
+# --------------------------------------------------------------------------- multi-LoRA
+
+def _multi_lora_reference(x: Tensor, W0: Tensor, b: Tensor, As: Sequence[Tensor],
+                          Bs: Sequence[Tensor], scalings: Sequence[float], ids: Tensor) -> Tensor:
+    d, k = W0.shape
+    base = nn.Linear(k, d, dtype=W0.dtype)
+    with torch.no_grad():
+        base.weight.copy_(W0)
+        base.bias.copy_(b)
+    layer = MultiLoRALinear(base, {f"adapter{j}": (A, B, s)
+                                   for j, (A, B, s) in enumerate(zip(As, Bs, scalings))})
+    layer.set_ids(ids)
+    with torch.no_grad():
+        return layer(x)
+
+
+def check_multi_lora_forward(student_forward: Callable[..., Tensor], *,
+                             raise_on_failure: bool = False, verbose: bool = True) -> CheckResult:
+    """Check ``student_forward(x, W0, b, As, Bs, scalings, ids) -> h``: many adapters, one batch.
+
+    ``x`` (n, k) holds n requests, ``ids`` (n,) (long) names each request's adapter,
+    ``As[j]`` (r_j, k), ``Bs[j]`` (d, r_j) and ``scalings[j]`` (a float) are adapter j's, with
+    ranks that may differ. Row i of the result (n, d) is
+
+        h_i = W0 x_i + b + s_{a_i} · B_{a_i} A_{a_i} x_i,   a_i = ids[i]
+
+    (the reference is :class:`lora_edu.serving.MultiLoRALinear`). The base product is shared
+    by every request and computed once; only the low-rank branch is per request. The ids are
+    unsorted, adapters have different ranks and scalings, and one adapter is absent.
+    """
+    gen = torch.Generator().manual_seed(8)
+    # (d, k, ranks, scalings, ids)
+    configs = [(6, 5, (2, 4, 1), (2.0, 0.5, 4.0), (2, 0, 1, 0, 2, 1, 1, 0)),
+               (4, 7, (3, 3, 2, 1), (1.0, 8.0, 0.25, 2.0), (3, 3, 1, 0, 1)),
+               (5, 5, (1, 2), (3.0, 0.5), (1, 0, 1))]
+    finish = _reporter("multi-LoRA batched forward", len(configs), raise_on_failure, verbose)
+    for d, k, ranks, scalings, id_list in configs:
+        f64 = {"generator": gen, "dtype": torch.float64}
+        n = len(id_list)
+        x, W0, b = torch.randn(n, k, **f64), torch.randn(d, k, **f64), torch.randn(d, **f64)
+        As = [torch.randn(r, k, **f64) for r in ranks]
+        Bs = [torch.randn(d, r, **f64) for r in ranks]
+        ids = torch.tensor(id_list)
+        label = (f"{len(ranks)} adapters of ranks {list(ranks)}, scalings {list(scalings)}, "
+                 f"ids {list(id_list)}")
+        got, error = _call_for_tensor("the output", student_forward, x.clone(), W0.clone(),
+                                      b.clone(), [A.clone() for A in As],
+                                      [B.clone() for B in Bs], list(scalings), ids.clone())
+        if error:
+            return finish(f"with {label}: {error}")
+        assert isinstance(got, Tensor)
+        expected = _multi_lora_reference(x, W0, b, As, Bs, scalings, ids)
+        if got.shape != expected.shape:
+            return finish(f"with {label}: the output has shape {tuple(got.shape)}, expected "
+                          f"(n, d) = {tuple(expected.shape)}, one row per request")
+        if _close(got, expected):
+            continue
+        base = x @ W0.T + b
+        per = torch.stack([x @ (Bs[j] @ As[j]).T for j in range(len(ranks))])  # (n_a, n, d)
+        rows = torch.arange(n)
+        unscaled = per[ids, rows]                                           # (n, d)
+        s = torch.tensor(scalings, dtype=torch.float64)
+        order = torch.argsort(ids, stable=True)
+        a0 = int(ids[0])
+        one_adapter = ("every row used one adapter (adapter {a}), whatever its id: gather the "
+                       "factors of each row's own adapter, A[ids[i]] and B[ids[i]]")
+        candidates = {}
+        for a in dict.fromkeys((a0, 0)):
+            candidates[one_adapter.format(a=a)] = base + scalings[a] * per[a]
+            candidates[one_adapter.format(a=a) + " (the scalings were gathered per row; the "
+                       "factors were not)"] = base + s[ids][:, None] * per[a]
+        candidates.update({
+            "every row got the sum of all the adapters; row i takes only adapter ids[i]":
+                base + (s[:, None, None] * per).sum(0),
+            "the LoRA branch is not scaled: multiply row i by its adapter's s_{ids[i]}":
+                base + unscaled,
+            f"every row was scaled by s of request 0's adapter ({scalings[a0]:g}); each row "
+            "takes its own adapter's scaling, scalings[ids[i]]": base + scalings[a0] * unscaled,
+            f"every row was scaled by adapter 0's s ({scalings[0]:g}); each row takes its own "
+            "adapter's scaling, scalings[ids[i]]": base + scalings[0] * unscaled,
+            "the scaling is applied twice (s² instead of s)":
+                base + (s[ids] ** 2)[:, None] * unscaled,
+            "the scalings follow the sorted order of the ids while the rows do not: index "
+            "them with the same ids as the factors": base + s[ids[order]][:, None] * unscaled,
+            "the rows come back in the order sorted by adapter: put them back in request "
+            "order with the inverse permutation": expected[order],
+            "the base output W0 x + b is added twice (once for the batch and once per "
+            "adapter's rows?): compute it once for the whole batch": 2 * base + (expected - base),
+            "W0 x is added twice: compute the base product once for the whole batch":
+                expected + x @ W0.T,
+            "the bias is missing: h_i = W0 x_i + b + s B A x_i": expected - b,
+            "the bias is added twice": expected + b,
+        })
+        candidates["the low-rank rows come back in the order sorted by adapter: put them back "
+                   "in request order with the inverse permutation"] = \
+            base + (expected - base)[order]
+        why = _first_match(got, candidates) or \
+            f"max |difference| = {(got - expected).abs().max().item():.3g}"
+        return finish(f"with {label}: {why}")
     return finish(None)
