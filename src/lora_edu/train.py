@@ -227,7 +227,9 @@ def cpu_step_peak(step: Callable[[], None], model: nn.Module, *existing: Any) ->
 
     ``model`` and ``existing`` (optimizers, tensors) were allocated before the step and are
     counted too, so the peak is the step's whole footprint, not only what it added. Returns
-    ``{"peak": bytes, "activations": bytes}``, or ``{}`` where MemTracker is unavailable.
+    ``{"peak": bytes, "activations": bytes, "by_category": {category: bytes}}`` (MemTracker's
+    categories at the peak: Parameter, Gradient, Optstate, Activation, Temp, ...), or ``{}``
+    where MemTracker is unavailable.
     """
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
@@ -247,9 +249,9 @@ def cpu_step_peak(step: Callable[[], None], model: nn.Module, *existing: Any) ->
     except (AttributeError, RuntimeError) as err:  # MemTracker is private API and may change
         warnings.warn(f"CPU peak memory not measured: MemTracker failed ({err})", stacklevel=3)
         return {}
+    by_category = {k.value: int(v) for k, v in snapshot.items() if hasattr(k, "value")}
     return {"peak": int(snapshot.get("Total", 0)),
-            "activations": int(sum(v for k, v in snapshot.items()
-                                   if getattr(k, "value", None) == "Activation"))}
+            "activations": by_category.get("Activation", 0), "by_category": by_category}
 
 
 def _measure_cpu_peak(model: nn.Module, config: TrainConfig,
