@@ -9,10 +9,12 @@ Fine-tunes SmolLM2-135M-Instruct (``lora_edu.pretrained``) on date arithmetic
 4. for chapter 5: for every full fine-tuning run, the singular values of each module's ΔW and
    the test loss after truncating ΔW to rank r (q,v only, and all modules); and a null: ΔW of
    full fine-tuning at the same settings on general prose instead of the task;
-5. for chapter 9: the q,v adapters of the best r = 8 and r = 64 runs, saved in fp16.
+5. for chapter 9: the q,v adapters of the r = 8 and r = 64 runs, saved in fp16.
+
+Runs go to worker processes with one thread each (two workers suit two cores).
 
 Writes ``benchmarks/results/real_sweep-<device>.json`` (and adapters under
-``benchmarks/results/real_sweep_adapters/``). About an hour on two CPU cores; the chapter
+``benchmarks/results/real_sweep_adapters/``). About 40 minutes on two CPU cores; the chapter
 re-runs one configuration live and checks it lands inside the committed seed band.
 
     python benchmarks/real_sweep.py
@@ -88,62 +90,96 @@ def prose_null(base, tokenizer, lr: float, steps: int, batch_size: int, seed: in
     return {n: torch.linalg.svdvals(w1[n] - w0[n]).tolist() for n in w0}
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(threads: int) -> None:
+    """Each worker process loads the model and the data once."""
+    torch.set_num_threads(threads)
+    base, tokenizer = load_smollm2()
+    _WORKER.update(base=base, tokenizer=tokenizer, data=task_data())
+
+
+def _run(job: dict) -> dict:
+    """One run of the sweep in a worker: train, score, and the chapter 5 / 9 extras."""
+    base, tokenizer, data = _WORKER["base"], _WORKER["tokenizer"], _WORKER["data"]
+    if job["kind"] == "prose_null":
+        return {"kind": "prose_null", "lr": job["lr"], "seed": job["seed"],
+                "spectra": prose_null(base, tokenizer, job["lr"], job["steps"],
+                                      job["batch_size"], job["seed"])}
+    method, lr, seed, impl = job["method"], job["lr"], job["seed"], job["implementation"]
+    record = run_method(base, tokenizer, method, lr, seed, data, job["steps"],
+                        job["batch_size"], impl, keep_model=True)
+    model = record.pop("model")
+    if method == "full":
+        record["delta"] = delta_analysis(base, model, tokenizer, data)
+    if impl == "lora_edu" and method in ("lora_qv_r8", "lora_qv_r64"):
+        for _, layer in model.named_modules():
+            if hasattr(layer, "lora_A"):
+                layer.lora_A.data = layer.lora_A.data.half()
+                layer.lora_B.data = layer.lora_B.data.half()
+        save_adapter(model, job["adapters"] / f"{method}_lr{lr:g}_seed{seed}")
+    return {"kind": "run", **record}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lora_edu.sft import exact_match, prose_loss
+
     device = get_device()
-    base, tokenizer = load_smollm2()
-    data = task_data()
     started = time.time()
     result = {**provenance("real_sweep", device), "steps": args.steps,
-              "batch_size": args.batch_size, "grid": GRID, "runs": [], "chapter5": {},
-              "base": {"test_loss": answer_loss(base, tokenizer, data["test"])}}
-    from lora_edu.sft import exact_match, prose_loss
-    result["base"]["test_exact_match"] = exact_match(base, tokenizer, data["test"])
-    result["base"]["prose_loss"] = prose_loss(base, tokenizer, data["prose"])
+              "batch_size": args.batch_size, "workers": args.workers, "grid": GRID,
+              "runs": [], "chapter5": {"full": []}}
     adapters = (args.out.parent if args.out else RESULTS) / "real_sweep_adapters"
+    common = {"steps": args.steps, "batch_size": args.batch_size, "adapters": adapters}
 
-    def run(method, lr, seed, implementation="lora_edu"):
-        record = run_method(base, tokenizer, method, lr, seed, data, args.steps,
-                            args.batch_size, implementation, keep_model=True)
-        model = record.pop("model")
-        if method == "full":
-            result["chapter5"].setdefault("full", []).append(
-                {"lr": lr, "seed": seed, **delta_analysis(base, model, tokenizer, data)})
-        if implementation == "lora_edu" and method in ("lora_qv_r8", "lora_qv_r64"):
-            for _, layer in model.named_modules():
-                if hasattr(layer, "lora_A"):
-                    layer.lora_A.data = layer.lora_A.data.half()
-                    layer.lora_B.data = layer.lora_B.data.half()
-            save_adapter(model, adapters / f"{method}_lr{lr:g}_seed{seed}")
-        result["runs"].append(record)
-        print(f"[{time.time() - started:6.0f}s] {method:12s} {implementation:8s} lr={lr:g} "
-              f"seed={seed} val={record['val_loss']:.3f} test={record['test_loss']:.3f} "
-              f"EM={record['test_exact_match']:.3f} prose={record['prose_loss']:.4f} "
-              f"step={record['median_step_seconds']:.2f}s", flush=True)
+    def collect(pool, jobs):
+        for job, out in zip(jobs, pool.map(_run, jobs)):
+            if out["kind"] == "prose_null":
+                result["chapter5"]["prose_null"] = {k: out[k] for k in ("lr", "seed", "spectra")}
+                continue
+            out.pop("kind")
+            delta = out.pop("delta", None)
+            if delta is not None:
+                result["chapter5"]["full"].append({"lr": out["lr"], "seed": out["seed"], **delta})
+            result["runs"].append(out)
+            print(f"[{time.time() - started:6.0f}s] {out['method']:12s} "
+                  f"{out['implementation']:8s} lr={out['lr']:g} seed={out['seed']} "
+                  f"val={out['val_loss']:.3f} test={out['test_loss']:.3f} "
+                  f"EM={out['test_exact_match']:.3f} prose={out['prose_loss']:.4f} "
+                  f"step={out['median_step_seconds']:.2f}s", flush=True)
         write_result(result, "real_sweep", device, args.out)
-        return record
 
-    for lr_index in (1, 0, 2):  # the middle learning rate of every method first
-        for method in METHODS:
-            run(method, GRID[method][lr_index], 0)
-    best = {m: min((r for r in result["runs"] if r["method"] == m), key=lambda r: r["val_loss"])
-            ["lr"] for m in METHODS}
-    result["best_lr"] = best
-    for seed in range(1, args.seeds):
-        for method in METHODS:
-            run(method, best[method], seed)
-    for seed in range(args.seeds):
-        run("lora_qv_r8", best["lora_qv_r8"], seed, implementation="peft")
-    result["chapter5"]["prose_null"] = {
-        "lr": best["full"], "seed": 0,
-        "spectra": prose_null(base, tokenizer, best["full"], args.steps, args.batch_size, 0)}
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker,
+                             initargs=(1,)) as pool:
+        base, tokenizer = load_smollm2()
+        data = task_data()
+        result["base"] = {"test_loss": answer_loss(base, tokenizer, data["test"]),
+                          "test_exact_match": exact_match(base, tokenizer, data["test"]),
+                          "prose_loss": prose_loss(base, tokenizer, data["prose"])}
+        del base
+        grid = [{"kind": "run", "method": m, "lr": lr, "seed": 0, "implementation": "lora_edu",
+                 **common} for m in METHODS for lr in GRID[m]]
+        collect(pool, grid)
+        best = {m: min((r for r in result["runs"] if r["method"] == m),
+                       key=lambda r: r["val_loss"])["lr"] for m in METHODS}
+        result["best_lr"] = best
+        more = [{"kind": "run", "method": m, "lr": best[m], "seed": seed,
+                 "implementation": "lora_edu", **common}
+                for seed in range(1, args.seeds) for m in METHODS]
+        more += [{"kind": "run", "method": "lora_qv_r8", "lr": best["lora_qv_r8"], "seed": seed,
+                  "implementation": "peft", **common} for seed in range(args.seeds)]
+        more.append({"kind": "prose_null", "lr": best["full"], "seed": 0, **common})
+        collect(pool, more)
     result["seconds"] = time.time() - started
     write_result(result, "real_sweep", device, args.out)
     return 0
