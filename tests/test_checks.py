@@ -389,3 +389,10 @@ def test_multi_lora_wrong_shape_is_reported():
     result = _quiet(check_multi_lora_forward,
                     lambda x, W0, b, As, Bs, s, ids: (x @ W0.T + b).sum(1))
     assert not result and "one row per request" in result.message
+
+
+def test_printed_lines_fit_a_phone(capsys):
+    check_dora_forward(lambda *args: _dora(*args, axis=0))
+    out = capsys.readouterr().out
+    assert out.startswith("✗ DoRA") and len(out.splitlines()) > 1
+    assert max(len(line) for line in out.splitlines()) <= 88

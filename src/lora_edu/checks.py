@@ -35,6 +35,7 @@ checker                            the student writes                           
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -66,8 +67,11 @@ class CheckResult:
         return self.passed
 
     def __str__(self) -> str:
+        """One line per ~88 characters (a phone's width), the mark first."""
         mark = "✓" if self.passed else "✗"
-        return f"{mark} {self.name}: {self.message}"
+        return textwrap.fill(f"{mark} {self.name}: {self.message}", width=88,
+                             subsequent_indent="  ", break_long_words=False,
+                             break_on_hyphens=False)
 
     def _repr_markdown_(self) -> str:  # how Jupyter shows it
         return f"**{'✓' if self.passed else '✗'} {self.name}**: {self.message}"
@@ -667,8 +671,8 @@ def check_pissa_init(student_fn: Callable[[Tensor, int, float], tuple[Tensor, Te
                 where = "A Aᵀ and BᵀB should both be diag(Σ_r/s)"
             return finish(f"on {label}: s·B A is right but Σ is not split evenly: {where}. "
                           "PiSSA gives each factor the square root, A = (Σ_r/s)^½ V_rᵀ and "
-                          "B = U_r (Σ_r/s)^½, so that both start at the same scale and learn "
-                          "at the same rate")
+                          "B = U_r (Σ_r/s)^½, so that both start at the same scale (BᵀB = A Aᵀ: "
+                          "balanced factors, chapter 3)")
     return finish(None)
 
 
@@ -758,8 +762,8 @@ def check_multi_lora_forward(student_forward: Callable[..., Tensor], *,
             "them with the same ids as the factors": base + s[ids[order]][:, None] * unscaled,
             "the rows come back in the order sorted by adapter: put them back in request "
             "order with the inverse permutation": expected[order],
-            "the base output W0 x + b is added twice (once for the batch and once per "
-            "adapter's rows?): compute it once for the whole batch": 2 * base + (expected - base),
+            "the base output W0 x + b is added twice (is it in your per-adapter loop "
+            "too?): compute it once for the whole batch": 2 * base + (expected - base),
             "W0 x is added twice: compute the base product once for the whole batch":
                 expected + x @ W0.T,
             "the bias is missing: h_i = W0 x_i + b + s B A x_i": expected - b,
