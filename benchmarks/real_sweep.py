@@ -50,6 +50,26 @@ def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, torch.nn.Linear) and ".layers." in n}
 
 
+#: Singular values kept per module in the committed JSON (with the total energy, so that the
+#: share of ‖ΔW‖²_F in the top r is exact for every r up to this).
+TOP_SINGULAR_VALUES = 64
+
+
+def compact_spectrum(values: list[float]) -> dict:
+    """The top singular values, the total energy Σσ² and the count, rounded to 5 digits."""
+    return {"top": [float(f"{v:.5g}") for v in values[:TOP_SINGULAR_VALUES]],
+            "energy": float(f"{sum(v * v for v in values):.6g}"), "n": len(values)}
+
+
+def compact(result: dict) -> dict:
+    """Shrink every spectrum of ``result["chapter5"]`` with :func:`compact_spectrum`."""
+    ch5 = result.get("chapter5", {})
+    for entry in ch5.get("full", []) + ([ch5["prose_null"]] if "prose_null" in ch5 else []):
+        entry["spectra"] = {n: v if isinstance(v, dict) else compact_spectrum(v)
+                            for n, v in entry["spectra"].items()}
+    return result
+
+
 def delta_analysis(base: torch.nn.Module, tuned: torch.nn.Module, tokenizer, data) -> dict:
     """Singular values of every module's ΔW and the test loss of rank-r truncations."""
     w0, w1 = linear_weights(base), linear_weights(tuned)
@@ -129,7 +149,14 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--compact", type=Path, default=None, metavar="JSON",
+                        help="only shrink the spectra of an existing result file in place")
     args = parser.parse_args()
+    if args.compact:
+        import json
+        args.compact.write_text(json.dumps(compact(json.loads(args.compact.read_text())),
+                                           indent=2) + "\n")
+        return 0
     from concurrent.futures import ProcessPoolExecutor
 
     from lora_edu.sft import exact_match, prose_loss
@@ -157,7 +184,7 @@ def main() -> int:
                   f"val={out['val_loss']:.3f} test={out['test_loss']:.3f} "
                   f"EM={out['test_exact_match']:.3f} prose={out['prose_loss']:.4f} "
                   f"step={out['median_step_seconds']:.2f}s", flush=True)
-        write_result(result, "real_sweep", device, args.out)
+        write_result(compact(result), "real_sweep", device, args.out)
 
     with ProcessPoolExecutor(args.workers, initializer=_init_worker,
                              initargs=(1,)) as pool:
@@ -181,7 +208,7 @@ def main() -> int:
         more.append({"kind": "prose_null", "lr": best["full"], "seed": 0, **common})
         collect(pool, more)
     result["seconds"] = time.time() - started
-    write_result(result, "real_sweep", device, args.out)
+    write_result(compact(result), "real_sweep", device, args.out)
     return 0
 
 
