@@ -91,17 +91,22 @@ def broken_links(html_dir: Path) -> list[str]:
     for page in sorted(html_dir.rglob("*.html")):
         if SKIP_DIRS.intersection(page.relative_to(html_dir).parts):
             continue
-        for link in _parse(page).links:
+        parsed = _parse(page)
+        id_cache[page.resolve()] = parsed.ids
+        for link in parsed.links:
             parts = urlsplit(link)
             if parts.scheme or link.startswith(("//", "mailto:", "data:", "javascript:")):
                 continue
-            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else \
+                page.resolve()
             name = page.relative_to(html_dir)
             if not target.exists():
                 problems.append(f"{name}: {link} (no such file)")
                 continue
             if parts.fragment and target.suffix == ".html":
-                ids = id_cache.setdefault(target, _parse(target).ids)
+                if target not in id_cache:  # parse each page once (not once per link)
+                    id_cache[target] = _parse(target).ids
+                ids = id_cache[target]
                 if unquote(parts.fragment) not in ids:
                     problems.append(f"{name}: {link} (no element with id "
                                     f"{parts.fragment!r})")
