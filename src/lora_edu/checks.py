@@ -24,7 +24,7 @@ checker                            the student writes                           
 :func:`check_rank`                 ``fn(W) -> int``                                1
 :func:`check_low_rank_approx`      ``fn(W, r) -> W_r``                             2
 :func:`check_lora_forward`         ``fn(x, W0, b, A, B, alpha, r) -> h``           6
-:func:`check_merge_unmerge`        ``merge(W0, A, B, alpha, r) -> W`` (+ inverse)  6, 11
+:func:`check_merge_unmerge`        ``merge(W0, A, B, alpha, r) -> W`` (+ inverse)  11
 :func:`check_subspace_similarity`  ``fn(A1, A2, i, j) -> φ``                       9
 :func:`check_multi_lora_forward`   ``fn(x, W0, b, As, Bs, scalings, ids) -> h``    11
 :func:`check_nf4_quantize`         ``fn(W, block_size) -> Ŵ``                      13
