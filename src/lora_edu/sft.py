@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -146,11 +146,14 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train_sft(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
-              config: SFTConfig = SFTConfig()) -> SFTHistory:
+              config: SFTConfig = SFTConfig(),
+              on_step: Callable[[int, nn.Module], None] | None = None) -> SFTHistory:
     """Train the parameters of ``model`` with ``requires_grad`` on ``examples``.
 
     Each step draws ``config.batch_size`` examples without replacement (a new permutation
     each epoch) from a generator seeded by ``config.seed``, so a run is reproducible.
+    ``on_step(step, model)``, if given, runs after every optimizer step (outside the timing),
+    e.g. to take snapshots of the weights.
     """
     params = _trainable(model)
     if len(examples) < config.batch_size:
@@ -180,6 +183,9 @@ def train_sft(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
         optimizer.zero_grad(set_to_none=True)
         history.losses.append(loss.item())
         history.step_seconds.append(time.perf_counter() - start)
+        if on_step is not None:
+            with torch.no_grad():
+                on_step(len(history.losses), model)
     model.eval()
     return history
 
@@ -285,7 +291,8 @@ def prepare_method(base: nn.Module, method: str, seed: int = 0,
 
 def run_method(base: nn.Module, tokenizer: Any, method: str, lr: float, seed: int,
                data: dict[str, Any], steps: int = 60, batch_size: int = 8,
-               implementation: str = "lora_edu", keep_model: bool = False) -> dict[str, Any]:
+               implementation: str = "lora_edu", keep_model: bool = False,
+               on_step: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
     """Fine-tune a copy of ``base`` with ``method`` and score it.
 
     Args:
@@ -300,7 +307,7 @@ def run_method(base: nn.Module, tokenizer: Any, method: str, lr: float, seed: in
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     history = train_sft(model, tokenizer, data["train"], SFTConfig(
         steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
-        seed=seed, show_progress=False))
+        seed=seed, show_progress=False), on_step=on_step)
     record = {"method": method, "implementation": implementation, "lr": lr, "seed": seed,
               "steps": steps, "batch_size": batch_size, "trainable": trainable,
               "losses": history.losses, "median_step_seconds": history.median_step_seconds,
