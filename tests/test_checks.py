@@ -396,3 +396,18 @@ def test_printed_lines_fit_a_phone(capsys):
     out = capsys.readouterr().out
     assert out.startswith("✗ DoRA") and len(out.splitlines()) > 1
     assert max(len(line) for line in out.splitlines()) <= 88
+
+
+@pytest.mark.parametrize("check", [check_rank, check_low_rank_approx, check_lora_forward,
+                                   check_merge_unmerge, check_nf4_quantize,
+                                   check_subspace_similarity, check_dora_forward,
+                                   check_pissa_init, check_multi_lora_forward])
+def test_a_result_instead_of_a_function_is_refused(check):
+    with pytest.raises(TypeError, match="pass your function itself"):
+        check(0.5, verbose=False)
+
+
+def test_merge_unmerge_refuses_a_non_callable_unmerge():
+    merge = lambda W0, A, B, a, r: W0 + (a / r) * B @ A  # noqa: E731
+    with pytest.raises(TypeError, match="pass your function itself"):
+        check_merge_unmerge(merge, torch.zeros(1), verbose=False)

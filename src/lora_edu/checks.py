@@ -77,9 +77,17 @@ class CheckResult:
         return f"**{'✓' if self.passed else '✗'} {self.name}**: {self.message}"
 
 
-def _reporter(name: str, cases: int, raise_on_failure: bool,
-              verbose: bool) -> Callable[[str | None], CheckResult]:
-    """The function a checker ends with: ``finish(None)`` on success, ``finish(why)`` on failure."""
+def _reporter(name: str, cases: int, raise_on_failure: bool, verbose: bool,
+              *functions: object) -> Callable[[str | None], CheckResult]:
+    """The function a checker ends with: ``finish(None)`` on success, ``finish(why)`` on failure.
+
+    Refuses, before any case runs, a student's "function" that cannot be called (a common slip
+    in a notebook: passing ``my_fn()``'s result instead of ``my_fn``).
+    """
+    for fn in functions:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"check {name!r}: pass your function itself (e.g. my_fn, not "
+                            f"my_fn(...)); got a {type(fn).__name__}")
     def finish(failure: str | None) -> CheckResult:
         if failure is None:
             result = CheckResult(name, True, f"all {cases} cases agree with the reference", cases)
@@ -136,7 +144,8 @@ def check_rank(student_rank: Callable[[Tensor], int], *, raise_on_failure: bool 
     """Check ``student_rank(W) -> int`` (the numerical rank of a float64 matrix)."""
     gen = torch.Generator().manual_seed(0)
     cases = _rank_cases(gen)
-    finish = _reporter("rank", len(cases), raise_on_failure, verbose)
+    finish = _reporter("rank", len(cases), raise_on_failure, verbose,
+                       student_rank)
     for description, W in cases:
         got, error = _call(student_rank, W.clone())
         expected = numerical_rank(W)
@@ -163,7 +172,8 @@ def check_low_rank_approx(student_fn: Callable[[Tensor, int], Tensor], *,
     gen = torch.Generator().manual_seed(1)
     cases = [(torch.randn(12, 8, generator=gen, dtype=torch.float64), r) for r in (1, 3, 8)]
     cases.append((torch.randn(5, 20, generator=gen, dtype=torch.float64), 2))
-    finish = _reporter("best rank-r approximation", len(cases), raise_on_failure, verbose)
+    finish = _reporter("best rank-r approximation", len(cases), raise_on_failure, verbose,
+                       student_fn)
     for W, r in cases:
         got, error = _call_for_tensor("the result", student_fn, W.clone(), r)
         label = f"a {W.shape[0]}×{W.shape[1]} matrix with r={r}"
@@ -213,7 +223,8 @@ def check_lora_forward(student_forward: Callable[..., Tensor], *, raise_on_failu
     gen = torch.Generator().manual_seed(2)
     d, k, n = 6, 10, 4
     configs = [(2, 2.0, True), (2, 8.0, False), (4, 16.0, False), (1, 3.0, False)]
-    finish = _reporter("LoRA forward pass", len(configs), raise_on_failure, verbose)
+    finish = _reporter("LoRA forward pass", len(configs), raise_on_failure, verbose,
+                       student_forward)
     for r, alpha, b_zero in configs:
         x = torch.randn(n, k, generator=gen, dtype=torch.float64)
         W0 = torch.randn(d, k, generator=gen, dtype=torch.float64)
@@ -267,7 +278,8 @@ def check_merge_unmerge(student_merge: Callable[..., Tensor],
     """
     gen = torch.Generator().manual_seed(3)
     configs = [(8, 5, 2, 4.0), (3, 7, 3, 3.0), (6, 6, 1, 16.0)]
-    finish = _reporter("merge / unmerge", len(configs), raise_on_failure, verbose)
+    finish = _reporter("merge / unmerge", len(configs), raise_on_failure, verbose,
+                       student_merge, student_unmerge)
     for d, k, r, alpha in configs:
         W0 = torch.randn(d, k, generator=gen, dtype=torch.float64)
         A = torch.randn(r, k, generator=gen, dtype=torch.float64)
@@ -318,7 +330,8 @@ def check_nf4_quantize(student_fn: Callable[[Tensor, int], Tensor], *,
     absolute maximum, rounded to the nearest of the 16 NF4 values, and multiplied back.
     """
     gen = torch.Generator().manual_seed(4)
-    finish = _reporter("NF4 quantisation", len(block_sizes), raise_on_failure, verbose)
+    finish = _reporter("NF4 quantisation", len(block_sizes), raise_on_failure, verbose,
+                       student_fn)
     code = nf4_codebook()
     for block in block_sizes:
         W = torch.randn(8, 4 * block, generator=gen)
@@ -389,7 +402,8 @@ def check_subspace_similarity(student_phi: Callable[[Tensor, Tensor, int, int], 
     cases = [(rand(4), rand(4), 2, 3), (rand(6), rand(3), 4, 1),
              (A_shared, torch.randn(3, 3, generator=gen, dtype=torch.float64) @ A_shared, 2, 3),
              (rand(3), rand(5), 1, 5)]
-    finish = _reporter("subspace similarity φ", len(cases), raise_on_failure, verbose)
+    finish = _reporter("subspace similarity φ", len(cases), raise_on_failure, verbose,
+                       student_phi)
     for A1, A2, i, j in cases:
         label = (f"A1 {A1.shape[0]}×{k}, A2 {A2.shape[0]}×{k}, i={i}, j={j}"
                  + (" (the same row space: φ = 1)" if A1 is A_shared else ""))
@@ -485,7 +499,8 @@ def check_dora_forward(student_forward: Callable[..., Tensor], *, detach_norm: b
     # (d, k, r, α, init): the square case first, so that a norm over the wrong axis runs
     configs = [(6, 6, 2, 4.0, False), (5, 8, 3, 6.0, False), (7, 4, 1, 3.0, False),
                (5, 8, 2, 4.0, True)]
-    finish = _reporter("DoRA forward and gradients", len(configs), raise_on_failure, verbose)
+    finish = _reporter("DoRA forward and gradients", len(configs), raise_on_failure, verbose,
+                       student_forward)
     for d, k, r, alpha, init in configs:
         f64 = {"generator": gen, "dtype": torch.float64}
         x, W0, b = torch.randn(4, k, **f64), torch.randn(d, k, **f64), torch.randn(d, **f64)
@@ -597,7 +612,8 @@ def check_pissa_init(student_fn: Callable[[Tensor, int, float], tuple[Tensor, Te
     gen = torch.Generator().manual_seed(7)
     # (d, k, r, s): the square case first, so that swapped U and V still run (and are caught)
     configs = [(8, 8, 2, 2.0), (6, 10, 3, 0.5), (12, 5, 2, 4.0)]
-    finish = _reporter("PiSSA initialisation", len(configs), raise_on_failure, verbose)
+    finish = _reporter("PiSSA initialisation", len(configs), raise_on_failure, verbose,
+                       student_fn)
     tol = {"rtol": 1e-5, "atol": 1e-6}
     for d, k, r, s in configs:
         W = torch.randn(d, k, generator=gen, dtype=torch.float64)
@@ -711,7 +727,8 @@ def check_multi_lora_forward(student_forward: Callable[..., Tensor], *,
     configs = [(6, 5, (2, 4, 1), (2.0, 0.5, 4.0), (2, 0, 1, 0, 2, 1, 1, 0)),
                (4, 7, (3, 3, 2, 1), (1.0, 8.0, 0.25, 2.0), (3, 3, 1, 0, 1)),
                (5, 5, (1, 2), (3.0, 0.5), (1, 0, 1))]
-    finish = _reporter("multi-LoRA batched forward", len(configs), raise_on_failure, verbose)
+    finish = _reporter("multi-LoRA batched forward", len(configs), raise_on_failure, verbose,
+                       student_forward)
     for d, k, ranks, scalings, id_list in configs:
         f64 = {"generator": gen, "dtype": torch.float64}
         n = len(id_list)
