@@ -676,3 +676,20 @@ def test_merge_qlora_leaves_the_model_unchanged_on_error():
     with pytest.raises(ValueError, match="no LoRALinear4bit"):
         merge_qlora(full)
     assert isinstance(model.q, LoRALinear4bit) and isinstance(model.v, LoRALinear4bit)
+
+
+def test_quantize_modules_stores_more_layers_in_4bit_without_adapters():
+    torch.manual_seed(0)
+    model = Tiny()
+    head_weight = model.head.weight.detach().clone()
+    inject_lora_4bit(model, LoraConfig(r=4, target_modules=["q"]),
+                     quantize_modules=["q", "v", "head"])
+    assert isinstance(model.q, LoRALinear4bit)
+    assert type(model.v) is Linear4bit and type(model.head) is Linear4bit
+    assert torch.equal(model.head.weight, quantize_nf4(head_weight, double_quant=True)
+                       .dequantize())
+    trainable, _ = count_parameters(model)
+    assert trainable == 4 * (64 + 64)
+    with pytest.raises(ValueError, match="quantize_modules: .*matches no module"):
+        inject_lora_4bit(Tiny(), LoraConfig(r=4, target_modules=["q"]),
+                         quantize_modules=["nope"])

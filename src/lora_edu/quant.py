@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -511,7 +511,8 @@ class LoRALinear4bit(LoRALinear):
 def inject_lora_4bit(model: nn.Module, config: LoraConfig, block_size: int = 64, *,
                      double_quant: bool = True,
                      compute_dtype: torch.dtype = torch.float32,
-                     loftq_iters: int = 0) -> nn.Module:
+                     loftq_iters: int = 0,
+                     quantize_modules: list[str] | str | None = None) -> nn.Module:
     """QLoRA in place: each targeted ``nn.Linear`` becomes a :class:`LoRALinear4bit`.
 
     Targets are matched as :func:`lora_edu.lora.inject_lora` matches them; QLoRA puts LoRA on
@@ -523,6 +524,11 @@ def inject_lora_4bit(model: nn.Module, config: LoraConfig, block_size: int = 64,
         loftq_iters: 0 (default) for QLoRA's standard start, ``Ŵ0 = Q(W0)`` with ``A`` random
             and ``B = 0``; ``T >= 1`` for LoftQ's: ``Ŵ0``, ``A`` and ``B`` from
             :func:`loftq_init` with ``T`` alternations, so that ``Ŵ0 + s·B A ≈ W0``.
+        quantize_modules: further modules to store in 4 bit *without* an adapter (plain
+            frozen :class:`Linear4bit`), matched like ``target_modules``; ``None``: only the
+            LoRA targets are quantised. QLoRA quantises every linear layer of the blocks
+            wherever the adapters go, e.g. ``target_modules=["q", "v"]`` with
+            ``quantize_modules=["q", "k", "v", "o", "fc1", "fc2"]``.
 
     Returns:
         ``model`` itself.
@@ -537,7 +543,17 @@ def inject_lora_4bit(model: nn.Module, config: LoraConfig, block_size: int = 64,
         raise ValueError(f"loftq_iters must be an int >= 0 (0: QLoRA's standard start, T >= 1: "
                          f"LoftQ with T alternations), got {loftq_iters!r}")
     names = find_targets(model, config)
-    replacements = {}
+    replacements: dict[str, nn.Module] = {}
+    if quantize_modules is not None:
+        try:
+            extra = find_targets(model, replace(config, target_modules=quantize_modules))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"quantize_modules: {err}") from None
+        for name in extra:
+            if name not in names:
+                replacements[name] = Linear4bit.from_linear(
+                    model.get_submodule(name), block_size, double_quant=double_quant,
+                    compute_dtype=compute_dtype)
     for name in names:
         linear = model.get_submodule(name)
         if not loftq_iters:
@@ -568,7 +584,8 @@ def inject_lora_4bit(model: nn.Module, config: LoraConfig, block_size: int = 64,
 
 # --------------------------------------------------------------------------- LoftQ
 
-class LoftQInit(NamedTuple):
+@dataclass(frozen=True)
+class LoftQInit:
     """What :func:`loftq_init` returns.
 
     Attributes:
