@@ -26,6 +26,8 @@ import argparse
 import re
 import shutil
 import sys
+from collections.abc import Sequence
+from fnmatch import fnmatch
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"_static", "_sources", "_modules", "_images"}
 SKIP_PAGES = {"genindex.html", "search.html", "py-modindex.html"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TIMEOUT_MS = 120_000
 MIN_SLIDERS = 3  # figures to play with (issue: at least three, each checked by moving it)
 PHONE = {"width": 375, "height": 812}
 DESKTOP = {"width": 1280, "height": 900}
@@ -288,17 +291,16 @@ def _slider_problems(page) -> tuple[int, list[str]]:
 
 
 def _title_word(html: str) -> str | None:
-    """The longest word of a page's <h1> (what a reader might search for)."""
-    m = re.search(r"<h1[^>]*>(.*?)</h1>", html, re.S)
-    if not m:
-        return None
-    words = re.findall(r"[A-Za-z]{5,}", re.sub(r"<[^>]+>", " ", m.group(1)))
+    """The longest word of a page's <h1> and <h2> headings (what a reader might search for)."""
+    headings = re.findall(r"<h[12][^>]*>(.*?)</h[12]>", html, re.S)
+    text = " ".join(re.sub(r"<[^>]+>", " ", h) for h in headings)
+    words = re.findall(r"[A-Za-z]{4,}", text)
     return max(words, key=len) if words else None
 
 
 def search_problems(page, html_dir: Path) -> list[str]:
     """Search the site (search.html?q=WORD) for the longest word of the first chapter's
-    title; the chapter must be among the results."""
+    headings; the chapter must be among the results."""
     search = html_dir / "search.html"
     chapters = [p for p in pages(html_dir) if re.match(r"\d\d_", p.name)] or pages(html_dir)
     if not search.exists() or not chapters:
@@ -306,7 +308,7 @@ def search_problems(page, html_dir: Path) -> list[str]:
     target = chapters[0]
     word = _title_word(target.read_text(encoding="utf-8", errors="replace"))
     if word is None:
-        return [f"{target.name}: no <h1> word to search for"]
+        return [f"{target.name}: no heading word to search for"]
     page.goto(f"{search.as_uri()}?q={word}")
     try:
         page.wait_for_selector("ul.search li a", timeout=15_000)
@@ -319,18 +321,20 @@ def search_problems(page, html_dir: Path) -> list[str]:
 
 
 def _open(page, path: Path) -> None:
-    page.goto(path.as_uri())
+    page.goto(path.as_uri(), wait_until="domcontentloaded")
     page.wait_for_load_state("load")
     page.wait_for_function(
         "() => !window.MathJax || (MathJax.startup && MathJax.startup.promise)",
-        timeout=15_000)
+        timeout=TIMEOUT_MS)
     page.evaluate("() => window.MathJax ? MathJax.startup.promise : null")
 
 
 def browser_problems(html_dir: Path, shots: Path | None, *, phone: bool = True,
-                     search: bool = True, min_sliders: int = 0) -> list[str]:
+                     search: bool = True, min_sliders: int = 0,
+                     only: Sequence[str] = ()) -> list[str]:
     """Open every page in headless Chromium, on a desktop and at a phone's width; return
-    problems and save full-page screenshots (``shots/NAME.png``, ``shots/phone/NAME.png``)."""
+    problems and save full-page screenshots (``shots/NAME.png``, ``shots/phone/NAME.png``).
+    ``only``: glob patterns of the pages to open (all when empty)."""
     from playwright.sync_api import sync_playwright
 
     problems: list[str] = []
@@ -342,7 +346,12 @@ def browser_problems(html_dir: Path, shots: Path | None, *, phone: bool = True,
         page = browser.new_page(viewport=DESKTOP)
         small = browser.new_page(viewport=PHONE, device_scale_factor=1, is_mobile=True,
                                  has_touch=True) if phone else None
+        for p in (page, small):  # long pages on a busy machine take a while to load
+            if p is not None:
+                p.set_default_timeout(TIMEOUT_MS)
         for path in pages(html_dir):
+            if only and not any(fnmatch(path.relative_to(html_dir).as_posix(), g) for g in only):
+                continue
             name = path.relative_to(html_dir).as_posix()
             shot = re.sub(r"[^A-Za-z0-9_.-]", "_", name[:-5]) + ".png"
             _open(page, path)
@@ -372,6 +381,9 @@ def main() -> int:
     parser.add_argument("--shots", type=Path, default=ROOT / "_build" / "screenshots")
     parser.add_argument("--no-browser", action="store_true",
                         help="only the HTML checks (links, tables, alt text)")
+    parser.add_argument("--only", action="append", default=[], metavar="GLOB",
+                        help="open only these pages in the browser (e.g. 'book/01_*'); "
+                             "repeatable; the slider minimum is then not enforced")
     parser.add_argument("--min-sliders", type=int, default=MIN_SLIDERS,
                         help="slider figures the site must have (default %(default)s)")
     args = parser.parse_args()
@@ -384,7 +396,8 @@ def main() -> int:
         if CHROMIUM is None:
             print("chromium not found: install Debian's `chromium` package", file=sys.stderr)
             return 1
-        problems += browser_problems(args.html, args.shots, min_sliders=args.min_sliders)
+        problems += browser_problems(args.html, args.shots, only=args.only,
+                                     min_sliders=0 if args.only else args.min_sliders)
         print(f"screenshots of {checked} pages in {args.shots}")
     for problem in problems:
         print(f"PROBLEM {problem}")
