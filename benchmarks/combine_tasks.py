@@ -11,6 +11,11 @@ torch version, date, the settings, and each adapter's teacher-forced scores on b
 
     python benchmarks/combine_tasks.py                 # what was committed
     python benchmarks/combine_tasks.py --steps 20 --seeds 0 --out /tmp/x   # a quick try
+    python benchmarks/combine_tasks.py --from-log train.log   # JSON of a stopped run
+
+``--from-log`` trains nothing: it writes the JSON from the printed log of a training run that
+was stopped before its end (the adapters it finished are saved already), with every score and
+loss line of that log, and says so in the file.
 """
 
 from __future__ import annotations
@@ -97,7 +102,13 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--result", type=Path, default=None)
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="write the JSON from a stopped training run's printed log")
+    parser.add_argument("--train-commit", default=None,
+                        help="with --from-log: the git commit the training run ran at")
     args = parser.parse_args()
+    if args.from_log:
+        return record_from_log(args)
     torch.set_num_threads(1 if get_device().type == "cpu" else torch.get_num_threads())
     device = get_device()
     commit = git_commit()
@@ -120,15 +131,44 @@ def main() -> int:
             save_bf16(model, args.out / name)
             adapters[name] = result
             print(f"{name}: {result['scores']}", flush=True)
-    settings = {"model": "SmolLM2-135M-Instruct (lora_edu.pretrained)",
-                "lora": config.to_dict(), "steps": args.steps, "batch_size": args.batch_size,
-                "lr": args.lr, "optimizer": "AdamW, weight_decay 0, 10 warm-up steps then "
-                "linear decay to 0", "seeds": args.seeds, "eval_seed": EVAL_SEED,
-                "eval_examples_per_task": EVAL_N, "saved_dtype": "bfloat16",
-                "out": str(args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT)
-                           else args.out)}
     result = {**provenance("combine_tasks", device), "git_commit": commit,
-              "settings": settings, "base_scores": base_scores, "adapters": adapters}
+              "settings": settings(args, config), "base_scores": base_scores,
+              "adapters": adapters}
+    write_result(result, "combine_tasks", device, out=args.result)
+    return 0
+
+
+def settings(args: argparse.Namespace, config: LoraConfig) -> dict:
+    return {"model": "SmolLM2-135M-Instruct (lora_edu.pretrained)",
+            "lora": config.to_dict(), "steps": args.steps, "batch_size": args.batch_size,
+            "lr": args.lr, "optimizer": "AdamW, weight_decay 0, 10 warm-up steps then "
+            "linear decay to 0", "seeds": args.seeds, "eval_seed": EVAL_SEED,
+            "eval_examples_per_task": EVAL_N, "saved_dtype": "bfloat16",
+            "out": str(args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT)
+                       else args.out)}
+
+
+def record_from_log(args: argparse.Namespace) -> int:
+    """The JSON of a training run stopped before its end, from its printed log."""
+    import ast
+
+    lines = [line.rstrip() for line in args.from_log.read_text().splitlines()
+             if " step " in line or line.startswith("base model:") or line.split(":")[0] in
+             {f"{t}-s{s}" for t in TASKS for s in range(100)}]
+    base = next(ast.literal_eval(line.split(":", 1)[1].strip()) for line in lines
+                if line.startswith("base model:"))
+    adapters = {line.split(":")[0]: {"scores": ast.literal_eval(line.split(":", 1)[1].strip())}
+                for line in lines if line.split(":")[0].startswith(TASKS)}
+    device = get_device()
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    result = {**provenance("combine_tasks", device),
+              "git_commit": args.train_commit or git_commit(),
+              "settings": settings(args, config), "base_scores": base, "adapters": adapters,
+              "note": "the training run (python benchmarks/combine_tasks.py, every default) "
+                      "was stopped on a shared, overloaded 2-core machine after the adapters "
+                      f"listed here ({', '.join(adapters)}); this file was written from its "
+                      "printed log by the command below, and `date` is when it was written",
+              "train_log": lines}
     write_result(result, "combine_tasks", device, out=args.result)
     return 0
 

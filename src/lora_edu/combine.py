@@ -434,6 +434,7 @@ def read_adapter(directory: str | Path) -> Adapter:
     """Read a saved adapter directory (lora_edu's layout or PEFT's) as ``{module: (A, B, s)}``.
 
     No model is needed: the module names come from the tensor names, ``s`` from the config.
+    Half-precision tensors are returned as float32 (as PEFT loads them into a float32 model).
     """
     from lora_edu import adapters as io
 
@@ -456,7 +457,11 @@ def read_adapter(directory: str | Path) -> Adapter:
     if unknown or missing:
         raise ValueError(f"{src}: expected only <module>.lora_A / .lora_B tensors, got "
                          f"unexpected {unknown[:3]} and incomplete modules {missing[:3]}")
-    return {n: (tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"], s) for n in names}
+    def as_float(t: torch.Tensor) -> torch.Tensor:  # a bf16/fp16 file is read as float32
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    return {n: (as_float(tensors[f"{n}.lora_A"]), as_float(tensors[f"{n}.lora_B"]), s)
+            for n in names}
 
 
 def _as_adapter(name: str, source: Any) -> Adapter:
