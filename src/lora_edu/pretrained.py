@@ -199,8 +199,12 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
         if not fetch:
             raise
         folder = fetch_smollm2(root)
-    from transformers import AutoTokenizer, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+    import warnings
+
+    with warnings.catch_warnings():  # tqdm's "IProgress not found" when imported in Jupyter
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from transformers import AutoTokenizer, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-second load needs no bar on the page
