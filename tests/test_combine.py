@@ -395,3 +395,23 @@ def test_every_combination_type_runs_on_the_equal_rank_adapters(equal_ranks) -> 
         out = combine_named_adapters(adapters, WEIGHTS, combination_type,
                                      generator=torch.Generator().manual_seed(0))
         assert all(torch.isfinite(B @ A).all() for A, B, _ in out.values())
+
+
+# --------------------------------------------------------------------------- the chapter's tasks
+
+def test_letter_tasks_answers_seeds_and_exclusion() -> None:
+    from lora_edu.letter_tasks import make_examples
+
+    rev = make_examples("reverse", 50, seed=3)
+    assert rev == make_examples("reverse", 50, seed=3) != make_examples("reverse", 50, seed=4)
+    for prompt, answer in rev:
+        letters = prompt.split(":")[1].rstrip("=").split()
+        assert answer.split() == letters[::-1]
+    for prompt, answer in make_examples("shift", 50, seed=3):
+        letters = prompt.split(":")[1].rstrip("=").split()
+        assert [ord(a) - ord(c) for a, c in zip(answer.split(), letters)] == [1] * 5
+    held_out = make_examples("shift", 20, seed=1000)
+    train = make_examples("shift", 2000, seed=0, exclude=held_out)
+    assert not {p for p, _ in held_out} & {p for p, _ in train}
+    with pytest.raises(ValueError, match="unknown task"):
+        make_examples("sort", 3, seed=0)
