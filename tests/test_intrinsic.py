@@ -328,3 +328,39 @@ def test_adam_first_step_moves_theta_by_lr_sqrt_d(d):
         norms[name] = (sub.theta() - sub.theta0).norm().item(), grad_z.norm().item()
     assert norms["adam"][0] == pytest.approx(lr * math.sqrt(d), rel=1e-3)
     assert norms["sgd"][0] == pytest.approx(lr * norms["sgd"][1], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- scale-free amplification
+
+def test_lowrank_svd_matches_the_dense_svd_of_BA():
+    from lora_edu.intrinsic import lowrank_svd
+
+    B, A = gaussian(40, 5, seed=1), gaussian(5, 30, seed=2)
+    U, S, Vh = lowrank_svd(B, A)
+    assert U.shape == (40, 5) and S.shape == (5,) and Vh.shape == (5, 30)
+    torch.testing.assert_close(S, torch.linalg.svdvals(B @ A)[:5])
+    torch.testing.assert_close((U * S) @ Vh, B @ A)
+    torch.testing.assert_close(U.T @ U, torch.eye(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="inner dimension"):
+        lowrank_svd(B, A.T)
+
+
+def test_amplification_ratio_is_one_for_random_directions_and_scale_free():
+    from lora_edu.intrinsic import amplification_ratio
+
+    W = gaussian(60, 50, seed=3) + 5 * gaussian(60, 1, seed=4) @ gaussian(1, 50, seed=5)
+    ratios = []
+    for seed in range(200):
+        U = torch.linalg.qr(gaussian(60, 4, seed=10 + seed))[0]
+        V = torch.linalg.qr(gaussian(50, 4, seed=1000 + seed))[0].T
+        ratios.append(amplification_ratio(W, U, V))
+    rms = math.sqrt(sum(x * x for x in ratios) / len(ratios))
+    assert 0.9 < rms < 1.1  # chance level is 1 by construction (root-mean-square)
+    Ur, _, Vr = torch.linalg.svd(W)
+    top = amplification_ratio(W, Ur[:, :4], Vr[:4])
+    assert top > 3  # W's own top directions hold far more of W than chance
+    assert amplification_ratio(7.0 * W, Ur[:, :4], Vr[:4]) == pytest.approx(top)
+    with pytest.raises(ValueError, match="orthonormal"):
+        amplification_ratio(W, gaussian(60, 4, seed=6), Vr[:4])
+    with pytest.raises(ValueError, match="zero matrix"):
+        amplification_ratio(torch.zeros(60, 50), Ur[:, :4], Vr[:4])
