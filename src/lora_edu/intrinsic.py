@@ -70,6 +70,8 @@ __all__ = [
     "projection_norm",
     "Amplification",
     "amplification",
+    "lowrank_svd",
+    "amplification_ratio",
     "amplification_factor",
 ]
 

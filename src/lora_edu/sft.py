@@ -107,8 +107,14 @@ def collate(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, tor
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of ``batch`` (labels shifted by one)."""
+    """Mean cross-entropy over the answer tokens of ``batch`` (labels shifted by one); the
+    batch is moved to the model's device."""
+    batch = {k: v.to(_device(model)) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                            batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
@@ -201,7 +207,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str],
     try:
         for i in range(0, len(questions), batch_size):
             prompts = [prompt_text(q) for q in questions[i:i + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(_device(model))
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=_pad_id(tokenizer))
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
@@ -236,7 +242,7 @@ def prose_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str]) -> float:
     language ability, so forgetting shows as a rise. The first token of each text is given."""
     total, n_bytes = 0.0, 0
     for text in texts:
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        ids = tokenizer(text, return_tensors="pt")["input_ids"].to(_device(model))
         logits = model(input_ids=ids).logits
         total += F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").item()
         n_bytes += len(tokenizer.decode(ids[0, 1:]).encode("utf-8"))
