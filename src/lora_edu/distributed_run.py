@@ -148,7 +148,7 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def max_diff(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor] | None) -> float | None:
-    """max |ours − ref| over every tensor (rank 0 only: ref is None elsewhere)."""
+    """max ``|ours − ref|`` over every tensor (rank 0 only: ref is None elsewhere)."""
     if ref is None:
         return None
     assert ours.keys() == ref.keys(), (sorted(ours)[:3], sorted(ref)[:3])
