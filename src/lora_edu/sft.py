@@ -28,7 +28,7 @@ from torch import nn
 
 from lora_edu.progress import progress
 from lora_edu.tasks import Example, prompt_text
-from lora_edu.train import lr_factor
+from lora_edu.train import check_schedule, lr_factor
 
 __all__ = ["SFTConfig", "SFTHistory", "encode_examples", "collate", "answer_loss", "METHODS",
            "prepare_method", "run_method", "task_data",
@@ -53,15 +53,7 @@ class SFTConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SFTConfig.{name} must be a positive int, got {value!r}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"SFTConfig.warmup_steps must lie in [0, steps={self.steps}), "
-                             f"got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
+        check_schedule(self)
 
 
 @dataclass

@@ -82,20 +82,31 @@ class TrainConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_windows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps must lie in [0, steps={self.steps}), "
-                             f"got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got "
-                             f"{self.min_lr_ratio}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        check_schedule(self, ("steps", "batch_size", "eval_every", "eval_windows"))
+
+
+def check_schedule(config: Any, positive_ints: tuple[str, ...] = ("steps", "batch_size")) -> None:
+    """Validate the optimizer-schedule fields shared by :class:`TrainConfig` and
+    :class:`lora_edu.sft.SFTConfig`: ``positive_ints``, ``warmup_steps`` in ``[0, steps)``,
+    ``lr > 0``, ``min_lr_ratio`` in ``[0, 1]``, ``grad_clip > 0`` or ``None``.
+
+    Raises:
+        ValueError: naming the class and the field.
+    """
+    owner = type(config).__name__
+    for name in positive_ints:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+    if not 0 <= config.warmup_steps < config.steps:
+        raise ValueError(f"{owner}.warmup_steps must lie in [0, steps={config.steps}), "
+                         f"got {config.warmup_steps}")
+    if not config.lr > 0:
+        raise ValueError(f"{owner}.lr must be > 0, got {config.lr}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ValueError(f"{owner}.min_lr_ratio must lie in [0, 1], got {config.min_lr_ratio}")
+    if config.grad_clip is not None and not config.grad_clip > 0:
+        raise ValueError(f"{owner}.grad_clip must be > 0 or None, got {config.grad_clip}")
 
 
 @dataclass
