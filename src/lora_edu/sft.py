@@ -15,7 +15,6 @@ general English prose that training never saw (Python's own documentation topics
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
