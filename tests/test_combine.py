@@ -156,6 +156,156 @@ def test_dare_rules_equal_peft_with_the_same_draws(rule: str) -> None:
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
+# --------------------------------------------------------------------------- rsLoRA inputs
+
+def rslora_model(ranks: tuple[int, ...], use_rslora: tuple[bool, ...] = (True, True, True),
+                 alphas: tuple[float, ...] = (8, 4, 2)):
+    """Like :func:`peft_model`, with ``use_rslora`` per adapter (scaling α/√r where True)."""
+    torch.manual_seed(1)
+    model = None
+    for name, r, alpha, rs in zip(NAMES, ranks, alphas, use_rslora):
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q", "v"],
+                              init_lora_weights=False, use_rslora=rs)
+        if model is None:
+            model = peft.get_peft_model(base_model(), cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+    return model
+
+
+def with_upstream_rslora_fix(monkeypatch) -> None:
+    """Apply the one-line fix of https://github.com/huggingface/peft/pull/3449 to the installed
+    PEFT: the combined adapter's config gets ``use_rslora=False`` instead of inheriting it
+    from the first adapter (``add_weighted_adapter`` makes that config with
+    ``dataclasses.replace``, its only use in the module)."""
+    import dataclasses
+
+    import peft.tuners.lora.model as lora_model
+
+    assert lora_model.replace is dataclasses.replace
+    monkeypatch.setattr(lora_model, "replace",
+                        lambda config, **kw: dataclasses.replace(config, **{**kw,
+                                                                         "use_rslora": False}))
+
+
+def peft_deltas(model, name: str) -> dict[str, torch.Tensor]:
+    """PEFT's own ΔW (scaling included) of adapter ``name``, per layer."""
+    return {n: m.get_delta_weight(name).detach() for n, m in peft_layers(model).items()
+            if name in m.lora_A}
+
+
+RSLORA_CASES = [((4, 4, 4), (True, True, True), t) for t in DETERMINISTIC] + [
+    ((2, 3, 4), flags, t) for flags in ((True, True, True), (False, True, False),
+                                        (True, False, True))
+    for t in ("cat", "svd", "ties_svd", "magnitude_prune_svd")]
+
+
+@pytest.mark.parametrize("ranks, use_rslora, combination_type", RSLORA_CASES)
+def test_rslora_combined_delta_equals_peft(monkeypatch, ranks, use_rslora,
+                                           combination_type: str) -> None:
+    """rsLoRA adapters (and mixes with plain ones, of mixed ranks): the combined ΔW equals
+    PEFT's, with PEFT's combined scaling fixed to 1 as upstream's fix does."""
+    with_upstream_rslora_fix(monkeypatch)
+    model = rslora_model(ranks, use_rslora)
+    adapters = ours_from_peft(model)
+    first = peft_layers(model)["0.q"]
+    for a, r, rs, alpha in zip(NAMES, ranks, use_rslora, (8, 4, 2)):  # inputs are rsLoRA
+        assert first.scaling[a] == pytest.approx(alpha / (r ** 0.5 if rs else r))
+    name = f"rs_{combination_type}"
+    theirs = peft_combined(model, name, combination_type, density=0.5)
+    ours = combine_named_adapters(adapters, WEIGHTS, combination_type, density=0.5)
+    assert_same(ours, theirs, products_only=combination_type in SVD_TYPES)
+    deltas = peft_deltas(model, name)
+    for layer, (A, B, s) in ours.items():
+        torch.testing.assert_close(s * B @ A, deltas[layer], rtol=0, atol=1e-6)
+        assert A.shape[0] == {"cat": sum(ranks)}.get(combination_type, max(ranks))
+        if combination_type == "cat":  # exact task arithmetic of PEFT's own input ΔW's
+            target = sum(w * peft_layers(model)[layer].get_delta_weight(a)
+                         for a, w in WEIGHTS.items())
+            torch.testing.assert_close(s * B @ A, target, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_rslora", [(True, True, True), (False, True, False)])
+def test_installed_peft_inherits_use_rslora_from_the_first_adapter(use_rslora) -> None:
+    """Where we part from the installed PEFT: its combined adapter copies ``use_rslora`` from
+    the first adapter with ``lora_alpha = r = r'``, so its scaling is ``√r'`` (not 1) when that
+    adapter is rsLoRA; its factors are ours all the same. If PEFT fixes it, the scaling is 1
+    and the ΔW's agree (the assertions hold either way)."""
+    model = rslora_model((2, 3, 4), use_rslora)
+    adapters = ours_from_peft(model)
+    theirs = peft_combined(model, "rs_inherit_cat", "cat")
+    ours = combine_named_adapters(adapters, WEIGHTS, "cat")
+    assert_same(ours, {n: (A, B, 1.0) for n, (A, B, _) in theirs.items()}, products_only=False)
+    config = model.peft_config["rs_inherit_cat"]
+    assert config.r == config.lora_alpha == 2 + 3 + 4
+    expected = config.r ** 0.5 if config.use_rslora else 1.0
+    assert config.use_rslora in (use_rslora[0], False)
+    deltas = peft_deltas(model, "rs_inherit_cat")
+    for layer, (A, B, s) in ours.items():
+        assert theirs[layer][2] == pytest.approx(expected)
+        torch.testing.assert_close(expected * s * B @ A, deltas[layer], rtol=0, atol=1e-6)
+
+
+def test_rslora_adapters_read_from_peft_directories(tmp_path, monkeypatch) -> None:
+    """read_adapter computes s = α/√r from a PEFT config with use_rslora: the combination of
+    saved rsLoRA adapters (mixed ranks) equals PEFT's (with upstream's fix)."""
+    with_upstream_rslora_fix(monkeypatch)
+    model = rslora_model((2, 3, 4), (True, False, True))
+    model.save_pretrained(tmp_path)
+    dirs = {a: tmp_path / a for a in NAMES}
+    from_dirs = {a: read_adapter(d) for a, d in dirs.items()}
+    for a, r, rs, alpha in zip(NAMES, (2, 3, 4), (True, False, True), (8, 4, 2)):
+        assert from_dirs[a]["1.v"][2] == pytest.approx(alpha / (r ** 0.5 if rs else r))
+    peft_combined(model, "rs_dirs", "cat")
+    deltas = peft_deltas(model, "rs_dirs")
+    ours = combine_named_adapters(dirs, WEIGHTS, "cat")
+    assert set(ours) == set(deltas)
+    for layer, (A, B, s) in ours.items():
+        torch.testing.assert_close(s * B @ A, deltas[layer], rtol=0, atol=1e-6)
+
+
+def test_rslora_lora_edu_model_combines_and_installs() -> None:
+    """A lora_edu model with LoraConfig(use_rslora=True): adapter_from_model takes s = α/√r,
+    and the installed 'cat' combination computes W0 + Σ w_i s_i B_i A_i."""
+    models = []
+    for seed, r in ((1, 2), (2, 3)):
+        m = inject_lora(base_model(), LoraConfig(r=r, lora_alpha=8, target_modules=["q", "v"],
+                                                 use_rslora=True))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in lora_layers(m):
+                layer.lora_A.normal_(generator=g)
+                layer.lora_B.normal_(generator=g)
+        models.append(m)
+    adapters = [adapter_from_model(m) for m in models]
+    assert adapters[0]["0.q"][2] == pytest.approx(8 / 2 ** 0.5)
+    weights = {"a": 0.6, "b": -1.2}
+    combined = combine_named_adapters(dict(zip(weights, models)), weights, "cat")
+    model = install_adapter(base_model(), combined)
+    reference = base_model()
+    with torch.no_grad():
+        for name in combined:
+            reference.get_submodule(name).weight += sum(
+                w * ad[name][2] * ad[name][1] @ ad[name][0]
+                for w, ad in zip(weights.values(), adapters))
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(model[0].v(x), reference[0].v(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "ties", "dare_linear", "dare_ties",
+                                              "magnitude_prune"])
+def test_rslora_unequal_ranks_refused_like_peft(combination_type: str) -> None:
+    """PEFT refuses rsLoRA adapters of different ranks for the entry-wise types (their
+    factors cannot be added); so do we, before anything is computed."""
+    model = rslora_model((2, 3, 4))
+    adapters = ours_from_peft(model)
+    with pytest.raises(ValueError, match="same r value"):
+        model.add_weighted_adapter(list(WEIGHTS), list(WEIGHTS.values()), "rs_bad",
+                                   combination_type=combination_type, density=0.5)
+    with pytest.raises(ValueError, match=r"same rank, got ranks \[2, 3, 4\]"):
+        combine_named_adapters(adapters, WEIGHTS, combination_type, density=0.5)
+
+
 # --------------------------------------------------------------------------- DARE statistics
 
 def _layer_factors(adapters: dict, layer: str = "1.q"):

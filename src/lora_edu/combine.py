@@ -37,6 +37,27 @@ The merge rules, on tensors ``T_1 … T_n`` of one shape with weights ``w_i``:
 
 The combined adapter has scaling 1: its ``ΔW = B A``. As in PEFT, a single adapter is always
 combined with ``linear`` whatever ``combination_type`` says.
+
+rsLoRA inputs
+    Every type uses each input's ``s_i`` only through the products ``w_i s_i`` (folded into the
+    factors, or into ``ΔW_i = s_i B_i A_i`` for the ``*_svd`` types), so an rsLoRA adapter
+    (``use_rslora=True``, ``s_i = α_i/√r_i``) is combined like any other once its ``s_i`` is
+    right: :func:`adapter_from_model` takes the layer's ``scaling`` and :func:`read_adapter`
+    computes ``α/√r`` from the config's ``use_rslora``. Adapters with and without rsLoRA, and
+    of different ranks where the type allows it, mix freely (PEFT refuses none of these mixes;
+    it refuses different ranks for the types in :data:`EQUAL_RANK_TYPES`, as we do). The result
+    still has scaling 1 at its rank ``r'`` (``Σ r_i`` for ``cat``), so ``cat`` and full-rank
+    ``svd`` give exactly ``Σ w_i ΔW_i``. As a LoRA config that is ``r = lora_alpha = r'`` with
+    ``use_rslora=False`` (what :func:`install_adapter` writes), or ``lora_alpha = √r'`` with
+    ``use_rslora=True``.
+
+    PEFT's ``add_weighted_adapter`` (the released versions up to the one the tests pin)
+    creates the same ``lora_A`` / ``lora_B`` but copies ``use_rslora`` from the first adapter
+    into the new config with ``lora_alpha = r = r'``; when that adapter is an rsLoRA one, the
+    new adapter's scaling is ``r'/√r' = √r'`` and its ``ΔW`` is ``√r'`` times
+    ``Σ w_i ΔW_i``. We do not copy that: the fix proposed upstream (https://github.com/huggingface/peft/pull/3449,
+    reported again in https://github.com/huggingface/peft/issues/3761) sets ``use_rslora=False``
+    for the new adapter, and with it PEFT's ``ΔW`` equals ours.
 """
 
 from __future__ import annotations
@@ -371,7 +392,8 @@ def combine_adapters(factors: Sequence[Factors], weights: Sequence[float],
     Args:
         factors: ``[(A_1, B_1), …]``, ``A_i`` of shape (r_i, k), ``B_i`` of shape (d, r_i).
         weights: ``w_i``, one per adapter (negative values subtract a task).
-        scalings: the adapters' ``s_i`` (``α/r``); ``None``: all 1.
+        scalings: the adapters' ``s_i`` (``α/r``, or ``α/√r`` for rsLoRA adapters); ``None``:
+            all 1.
         combination_type: one of :data:`COMBINATION_TYPES` (see the module docstring).
         density: fraction of entries kept by the pruning types, in (0, 1].
         rank: target rank of the ``*_svd`` types (``None``: the largest ``r_i``); must be
