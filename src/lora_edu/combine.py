@@ -55,9 +55,10 @@ rsLoRA inputs
     creates the same ``lora_A`` / ``lora_B`` but copies ``use_rslora`` from the first adapter
     into the new config with ``lora_alpha = r = r'``; when that adapter is an rsLoRA one, the
     new adapter's scaling is ``r'/√r' = √r'`` and its ``ΔW`` is ``√r'`` times
-    ``Σ w_i ΔW_i``. We do not copy that: the fix proposed upstream (https://github.com/huggingface/peft/pull/3449,
-    reported again in https://github.com/huggingface/peft/issues/3761) sets ``use_rslora=False``
-    for the new adapter, and with it PEFT's ``ΔW`` equals ours.
+    ``Σ w_i ΔW_i``. We do not copy that: the fix proposed upstream
+    (https://github.com/huggingface/peft/pull/3449, reported again in
+    https://github.com/huggingface/peft/issues/3761) sets ``use_rslora=False`` for the new
+    adapter, and with it PEFT's ``ΔW`` equals ours.
 """
 
 from __future__ import annotations
