@@ -3,7 +3,8 @@
 Fine-tunes SmolLM2-135M-Instruct (``lora_edu.pretrained``) on date arithmetic
 (``lora_edu.tasks``) with full fine-tuning and LoRA (q,v at r = 1, 8, 64; all-linear at r = 8):
 
-1. every method at three learning rates, seed 0; the best is the lowest *validation* loss;
+1. every method at three learning rates, seed 0; the best is the lowest *validation* loss,
+   and a grid whose best lies at its edge grows past that edge until the best is inside;
 2. two more seeds at each method's best learning rate;
 3. the best LoRA-q,v r=8 configuration through PEFT, three seeds (the overlay);
 4. for chapter 5: for every full fine-tuning run, the singular values of each module's ΔW and
@@ -38,9 +39,30 @@ from lora_edu.pretrained import load_smollm2  # noqa: E402
 from lora_edu.repro import get_device, seed_all  # noqa: E402
 from lora_edu.sft import METHODS, answer_loss, prose_texts, run_method, task_data  # noqa: E402
 
-GRID = {"full": [1e-5, 3e-5, 1e-4], **{m: [3e-4, 1e-3, 3e-3] for m in METHODS if m != "full"}}
+#: Peak learning rates tried first (seed 0), about a factor √10 apart. Where the best lies at an edge
+#: of its grid, the grid grows one step past that edge (at most MAX_EXTENSIONS times), so that
+#: every chosen rate is an interior optimum and not an artefact of where the grid stopped.
+GRID = {"full": [3e-5, 1e-4, 3e-4], "lora_qv_r1": [1e-3, 3e-3, 1e-2],
+        "lora_qv_r8": [1e-3, 3e-3, 1e-2], "lora_qv_r64": [3e-4, 1e-3, 3e-3],
+        "lora_all_r8": [3e-4, 1e-3, 3e-3]}
+MAX_EXTENSIONS = 2
 TRUNCATION_RANKS = [1, 8, 64]
 QV = ("q_proj", "v_proj")
+
+
+#: The learning rates a grid may grow into: 1 and 3 times each power of ten.
+LADDER = [float(f"{m}e{e}") for e in range(-7, 0) for m in (1, 3)]
+
+
+def past_edge(grid: list[float], best: float) -> float | None:
+    """The next rung of :data:`LADDER` beyond ``grid``'s edge if ``best`` lies on that edge,
+    else ``None``."""
+    lrs = sorted(grid)
+    if best not in (lrs[0], lrs[-1]):
+        return None
+    step = -1 if best == lrs[0] else 1
+    i = min(range(len(LADDER)), key=lambda j: abs(LADDER[j] - best)) + step
+    return LADDER[i] if 0 <= i < len(LADDER) else None
 
 
 def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -143,7 +165,7 @@ def _run(job: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
@@ -164,9 +186,18 @@ def main() -> int:
     started = time.time()
     result = {**provenance("real_sweep", device), "steps": args.steps,
               "batch_size": args.batch_size, "workers": args.workers, "grid": GRID,
+              "max_extensions": MAX_EXTENSIONS,
               "runs": [], "chapter5": {"full": []}}
     adapters = (args.out.parent if args.out else RESULTS) / "real_sweep_adapters"
     common = {"steps": args.steps, "batch_size": args.batch_size, "adapters": adapters}
+
+    def job(method, lr, seed, implementation="lora_edu"):
+        return {"kind": "run", "method": method, "lr": lr, "seed": seed,
+                "implementation": implementation, **common}
+
+    def best_lr(method):
+        return min((r for r in result["runs"] if r["method"] == method and r["seed"] == 0
+                    and r["implementation"] == "lora_edu"), key=lambda r: r["val_loss"])["lr"]
 
     def collect(pool, jobs):
         for job, out in zip(jobs, pool.map(_run, jobs)):
@@ -193,17 +224,19 @@ def main() -> int:
                           "test_exact_match": exact_match(base, tokenizer, data["test"]),
                           "prose_loss": prose_loss(base, tokenizer, data["prose"])}
         del base
-        grid = [{"kind": "run", "method": m, "lr": lr, "seed": 0, "implementation": "lora_edu",
-                 **common} for m in METHODS for lr in GRID[m]]
-        collect(pool, grid)
-        best = {m: min((r for r in result["runs"] if r["method"] == m),
-                       key=lambda r: r["val_loss"])["lr"] for m in METHODS}
+        grid = {m: list(lrs) for m, lrs in GRID.items()}
+        result["grid"] = grid
+        # full fine-tuning first: its runs are the longest, so the two workers finish together
+        collect(pool, [job(m, lr, 0) for m in METHODS for lr in grid[m]])
+        for _ in range(MAX_EXTENSIONS):
+            extra = [(m, lr) for m in METHODS if (lr := past_edge(grid[m], best_lr(m)))]
+            for m, lr in extra:
+                grid[m] = sorted(grid[m] + [lr])
+            collect(pool, [job(m, lr, 0) for m, lr in extra])
+        best = {m: best_lr(m) for m in METHODS}
         result["best_lr"] = best
-        more = [{"kind": "run", "method": m, "lr": best[m], "seed": seed,
-                 "implementation": "lora_edu", **common}
-                for seed in range(1, args.seeds) for m in METHODS]
-        more += [{"kind": "run", "method": "lora_qv_r8", "lr": best["lora_qv_r8"], "seed": seed,
-                  "implementation": "peft", **common} for seed in range(args.seeds)]
+        more = [job(m, best[m], seed) for seed in range(1, args.seeds) for m in METHODS]
+        more += [job("lora_qv_r8", best["lora_qv_r8"], seed, "peft") for seed in range(args.seeds)]
         more.append({"kind": "prose_null", "lr": best["full"], "seed": 0, **common})
         collect(pool, more)
     result["seconds"] = time.time() - started

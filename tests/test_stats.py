@@ -7,7 +7,7 @@ import datetime
 import pytest
 
 from lora_edu.stats import compare, mean_sd, separated
-from lora_edu.tasks import date_arithmetic
+from lora_edu.tasks import date_arithmetic, parse_worked_answer
 
 
 def test_mean_sd_is_the_sample_standard_deviation():
@@ -32,9 +32,14 @@ def test_date_arithmetic_answers_are_right_and_the_splits_disjoint():
         assert examples == date_arithmetic(300, split)  # seeded
         for ex in examples:
             k = int(ex.question.split()[3])
-            start = datetime.date.fromisoformat(ex.answer) - datetime.timedelta(days=k)
+            written, result = parse_worked_answer(ex.answer)
+            start = datetime.date.fromisoformat(result) - datetime.timedelta(days=k)
+            assert written == start.isoformat() and ex.answer.startswith(f"{written} + {k} = ")
             starts.setdefault(split, set()).add(start)
             assert 1 <= k < 10
+    bare = date_arithmetic(300, "test", show_work=False)
+    assert [b.answer for b in bare] == [parse_worked_answer(e.answer)[1] for e in splits["test"]]
+    assert parse_worked_answer("2021-03-05") is None
     assert not starts["train"] & starts["test"] and not starts["train"] & starts["validation"]
     assert not starts["validation"] & starts["test"]
 
@@ -46,3 +51,5 @@ def test_date_arithmetic_refuses_bad_input():
         date_arithmetic(0)
     with pytest.raises(ValueError, match="max_offset"):
         date_arithmetic(3, max_offset=1)
+    with pytest.raises(TypeError, match="show_work"):
+        date_arithmetic(3, show_work="yes")
