@@ -320,10 +320,13 @@ def run_method(base: nn.Module, tokenizer: Any, method: str, lr: float, seed: in
     return record
 
 
-def task_data(n_train: int = 2000, n_eval: int = 64, n_prose: int = 16) -> dict[str, Any]:
-    """The fixed data of chapter 8: date-arithmetic splits and general prose passages."""
+def task_data(n_train: int = 2000, n_eval: int = 64, n_prose: int = 16,
+              show_work: bool = True) -> dict[str, Any]:
+    """The fixed data of chapter 8: date-arithmetic splits and general prose passages
+    (``show_work=False``: the same questions with bare result dates as answers)."""
     from lora_edu.tasks import date_arithmetic
 
-    return {"train": date_arithmetic(n_train, "train"),
-            "validation": date_arithmetic(n_eval, "validation"),
-            "test": date_arithmetic(n_eval, "test"), "prose": prose_texts(n_prose)}
+    return {"train": date_arithmetic(n_train, "train", show_work=show_work),
+            "validation": date_arithmetic(n_eval, "validation", show_work=show_work),
+            "test": date_arithmetic(n_eval, "test", show_work=show_work),
+            "prose": prose_texts(n_prose)}
