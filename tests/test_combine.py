@@ -267,16 +267,9 @@ def test_rslora_adapters_read_from_peft_directories(tmp_path, monkeypatch) -> No
 def test_rslora_lora_edu_model_combines_and_installs() -> None:
     """A lora_edu model with LoraConfig(use_rslora=True): adapter_from_model takes s = α/√r,
     and the installed 'cat' combination computes W0 + Σ w_i s_i B_i A_i."""
-    models = []
-    for seed, r in ((1, 2), (2, 3)):
-        m = inject_lora(base_model(), LoraConfig(r=r, lora_alpha=8, target_modules=["q", "v"],
-                                                 use_rslora=True))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, layer in lora_layers(m):
-                layer.lora_A.normal_(generator=g)
-                layer.lora_B.normal_(generator=g)
-        models.append(m)
+    models = random_lora_models([(seed, LoraConfig(r=r, lora_alpha=8, target_modules=["q", "v"],
+                                                   use_rslora=True))
+                                 for seed, r in ((1, 2), (2, 3))])
     adapters = [adapter_from_model(m) for m in models]
     assert adapters[0]["0.q"][2] == pytest.approx(8 / 2 ** 0.5)
     weights = {"a": 0.6, "b": -1.2}
@@ -414,11 +407,12 @@ def test_sign_conflicts_counts_opposite_non_zero_signs() -> None:
 
 # --------------------------------------------------------------------------- whole adapters
 
-def lora_pair():
-    """Two lora_edu models with different random adapters on q and v of the same base."""
+def random_lora_models(specs):
+    """One lora_edu model per ``(seed, LoraConfig)`` on the same base, with A and B drawn
+    from N(0, 1) by that seed (so that every adapter's ΔW is non-zero)."""
     models = []
-    for seed, alpha in ((1, 8), (2, 4)):
-        m = inject_lora(base_model(), LoraConfig(r=4, lora_alpha=alpha, target_modules=["q", "v"]))
+    for seed, config in specs:
+        m = inject_lora(base_model(), config)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for _, layer in lora_layers(m):
@@ -426,6 +420,13 @@ def lora_pair():
                 layer.lora_B.normal_(generator=g)
         models.append(m)
     return models
+
+
+def lora_pair():
+    """Two lora_edu models with different random adapters on q and v of the same base."""
+    return random_lora_models([(seed, LoraConfig(r=4, lora_alpha=alpha,
+                                                 target_modules=["q", "v"]))
+                               for seed, alpha in ((1, 8), (2, 4))])
 
 
 def test_models_directories_and_dicts_combine_alike(tmp_path) -> None:
