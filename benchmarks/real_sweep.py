@@ -15,8 +15,8 @@ Fine-tunes SmolLM2-135M-Instruct (``lora_edu.pretrained``) on date arithmetic
 Runs go to worker processes with one thread each (two workers suit two cores).
 
 Writes ``benchmarks/results/real_sweep-<device>.json`` (and adapters under
-``benchmarks/results/real_sweep_adapters/``). About 40 minutes on two CPU cores; the chapter
-re-runs one configuration live and checks it lands inside the committed seed band.
+``benchmarks/results/real_sweep_adapters/``). About 100 minutes on two CPU cores; the
+chapter re-runs one configuration live and checks it lands inside the committed seed band.
 
     python benchmarks/real_sweep.py
 """

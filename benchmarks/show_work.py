@@ -8,7 +8,8 @@ loss), then more seeds at the best. The worked version's runs are those of
 ``benchmarks/real_sweep.py`` (the same method, data order and budget); the chapter scores both
 on the result date alone.
 
-Writes ``benchmarks/results/show_work-<device>.json``. About 15 minutes on one CPU core.
+Writes ``benchmarks/results/show_work-<device>.json``. About 25 minutes on one CPU core
+(beside the sweep).
 
     python benchmarks/show_work.py
 """
