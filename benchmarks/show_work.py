@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance, write_result  # noqa: E402
+from real_sweep import GRID as SWEEP_GRID  # noqa: E402
 from real_sweep import MAX_EXTENSIONS, past_edge  # noqa: E402
 
 from lora_edu.pretrained import load_smollm2  # noqa: E402
@@ -33,7 +34,7 @@ from lora_edu.repro import get_device  # noqa: E402
 from lora_edu.sft import run_method, task_data  # noqa: E402
 
 METHOD = "lora_qv_r8"
-GRID = [1e-3, 3e-3, 1e-2]
+GRID = SWEEP_GRID[METHOD]  # the worked version's grid, so both start from the same rates
 _WORKER: dict = {}
 
 

@@ -30,8 +30,8 @@ from lora_edu.tasks import Example, prompt_text
 from lora_edu.train import check_schedule, lr_factor
 
 __all__ = ["SFTConfig", "SFTHistory", "encode_examples", "collate", "answer_loss", "METHODS",
-           "prepare_method", "run_method", "task_data",
-           "train_sft", "exact_match", "generate_answers", "prose_loss", "prose_texts"]
+           "prepare_method", "run_method", "task_data", "train_sft", "exact_match",
+           "match_rate", "generate_answers", "prose_loss", "prose_texts"]
 
 IGNORE = -100
 
@@ -209,12 +209,16 @@ def generate_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str],
     return answers
 
 
+def match_rate(answers: Sequence[str], examples: Sequence[Example]) -> float:
+    """Fraction of ``answers`` that equal their example's reference answer exactly."""
+    return sum(a == ex.answer for a, ex in zip(answers, examples)) / len(examples)
+
+
 def exact_match(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
                 batch_size: int = 32) -> float:
     """Fraction of ``examples`` whose greedy answer equals the reference exactly."""
-    answers = generate_answers(model, tokenizer, [ex.question for ex in examples],
-                               batch_size=batch_size)
-    return sum(a == ex.answer for a, ex in zip(answers, examples)) / len(examples)
+    return match_rate(generate_answers(model, tokenizer, [ex.question for ex in examples],
+                                       batch_size=batch_size), examples)
 
 
 def prose_texts(n: int = 24, chars: int = 600) -> list[str]:
@@ -312,8 +316,7 @@ def run_method(base: nn.Module, tokenizer: Any, method: str, lr: float, seed: in
               "losses": history.losses, "median_step_seconds": history.median_step_seconds,
               "val_loss": answer_loss(model, tokenizer, data["validation"]),
               "test_loss": answer_loss(model, tokenizer, data["test"]),
-              "test_exact_match": sum(a == ex.answer for a, ex in zip(answers, data["test"]))
-              / len(data["test"]), "test_answers": answers,
+              "test_exact_match": match_rate(answers, data["test"]), "test_answers": answers,
               "prose_loss": prose_loss(model, tokenizer, data["prose"])}
     if keep_model:
         record["model"] = model
