@@ -136,3 +136,33 @@ def test_bad_input_is_refused_and_model_unchanged():
         inject_merged_lora(model, ["q_proj"])
     assert not any(isinstance(m, MergedLoRALinear) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", ["linear", "conv1d"])
+def test_half_precision_base_keeps_float32_factors_and_rounds_once(fused, dtype):
+    """The policy LoRALinear and PEFT follow: float32 factors on an fp16/bf16 weight, the branch
+    in float32 rounded once, and merge = round(W0 + ΔW) with the sum formed in float32."""
+    seed_all(5)
+    base = nn.Linear(16, 24) if fused == "linear" else transformers.pytorch_utils.Conv1D(24, 16)
+    base = base.to(dtype)
+    layer = MergedLoRALinear(base, r=4, lora_alpha=8, enable_lora=[True, False, True])
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.05)
+    x = torch.randn(3, 16).to(dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    branch = layer._branch(x.float())                     # float32, rounded once below
+    assert torch.equal(out, base(x) + branch.to(dtype))
+    w0 = base.weight.detach().clone()
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float32
+    exact = w0.double() + delta.double()
+    layer.merge()
+    assert torch.equal(base.weight, (w0.float() + delta).to(dtype))      # one rounding
+    twice = (w0 + delta.to(dtype)).double()               # the old way: round ΔW, then the sum
+    assert ((base.weight.double() - exact).abs() <= (twice - exact).abs()).all()
+    assert ((base.weight.double() - exact).abs() < (twice - exact).abs()).any()
+    layer.unmerge()
+    assert torch.equal(base.weight, ((w0.float() + delta).to(dtype).float() - delta).to(dtype))

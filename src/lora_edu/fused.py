@@ -23,6 +23,11 @@ output. The same *function* is a PEFT adapter of rank :math:`m r` with
 :math:`A = [A_1; \\dots; A_m]` and a block-diagonal :math:`B` whose disabled rows are zero
 (:meth:`MergedLoRALinear.peft_factors`); training that PEFT adapter would not keep the zeros,
 which is why ``enable_lora`` exists.
+
+Precision follows :class:`lora_edu.lora.LoRALinear` (and PEFT's default): with an fp16 or bf16
+fused weight, ``lora_A`` and ``lora_B`` are float32, the branch runs in float32 and is rounded
+once to the output's dtype, and :meth:`~MergedLoRALinear.merge` forms ``W0 + ΔW`` in float32
+and rounds it once to the weight's dtype (never ΔW first and then the sum).
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ class MergedLoRALinear(nn.Module):
         lora_dropout: dropout on the input of the LoRA branch only.
 
     Shapes: ``x (..., k) -> h (..., d)``; ``lora_A (m·r, k)``, ``lora_B (m·d_s, r)``.
-    ``B = 0`` at initialisation, so the layer starts as ``base`` exactly.
+    ``B = 0`` at initialisation, so the layer starts as ``base`` exactly. With an fp16/bf16
+    base weight the factors are float32 (see the module docstring).
     """
 
     def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8,
@@ -106,7 +112,9 @@ class MergedLoRALinear(nn.Module):
         self.slice_size = d // len(flags)
         self.scaling = lora_alpha / r
         m = sum(flags)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        # Half-precision factors lose small updates to rounding: float32, as LoRALinear and PEFT.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(m * r, k, **factory))
         self.lora_B = nn.Parameter(torch.empty(m * self.slice_size, r, **factory))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -140,17 +148,20 @@ class MergedLoRALinear(nn.Module):
         result = self.base(x)
         if self.merged:
             return result
-        return result + self._branch(self.lora_dropout(x))
+        branch = self._branch(self.lora_dropout(x.to(self.lora_A.dtype)))
+        return result + branch.to(result.dtype)  # the float32 branch, rounded once
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW shaped like ``base.weight``: ``(d, k)``, or ``(k, d)`` for a ``Conv1D``.
 
-        Row block ``i`` is ``s·B_i A_i`` for an enabled slice and zero otherwise.
+        Row block ``i`` is ``s·B_i A_i`` for an enabled slice and zero otherwise. Computed in
+        float32 at least (float64 stays float64), whatever the weights' dtype.
         """
         m = len(self.enabled_slices)
-        A = self.lora_A.view(m, self.r, self.in_features)
-        B = self.lora_B.view(m, self.slice_size, self.r)
-        delta = self.lora_A.new_zeros(len(self.enable_lora), self.slice_size, self.in_features)
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        A = self.lora_A.to(dtype).view(m, self.r, self.in_features)
+        B = self.lora_B.to(dtype).view(m, self.slice_size, self.r)
+        delta = A.new_zeros(len(self.enable_lora), self.slice_size, self.in_features)
         delta[self.enabled_slices] = B @ A
         delta = delta.flatten(0, 1) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
@@ -173,16 +184,19 @@ class MergedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``W ← W0 + ΔW``; a no-op if already merged."""
+        """``W ← round(W0 + ΔW)``: the sum formed in float32 (at least) and rounded once to the
+        weight's dtype; a no-op if already merged."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            weight, delta = self.base.weight, self.delta_weight()
+            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """``W ← W − ΔW`` (exact up to rounding); a no-op if not merged."""
+        """``W ← round(W − ΔW)`` (exact up to that one rounding); a no-op if not merged."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            weight, delta = self.base.weight, self.delta_weight()
+            weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
