@@ -112,12 +112,16 @@ def test_unmerge_that_does_not_undo_is_named():
 
 # ----------------------------------------------------------------- NF4
 
-def _nf4(W, block, global_scale=False):
+def _nf4(W, block, global_scale=False, guard_zero=True):
     code = nf4_codebook()
     blocks = W.reshape(-1, block)
     scale = blocks.abs().amax() if global_scale else blocks.abs().amax(1, keepdim=True)
-    idx = ((blocks / scale)[..., None] - code).abs().argmin(-1)
-    return (code[idx] * scale).reshape(W.shape)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)) if guard_zero else scale
+    idx = ((blocks / safe)[..., None] - code).abs().argmin(-1)
+    values = code[idx] * scale
+    if not guard_zero:  # 0/0: what a division without the guard gives a block of zeros
+        values = torch.where(scale > 0, values, torch.full_like(values, float("nan")))
+    return values.reshape(W.shape)
 
 
 def test_nf4_correct_passes():
@@ -129,10 +133,27 @@ def test_nf4_global_absmax_is_named():
     assert not result and "blockwise" in result.message
 
 
+def test_nf4_zero_block_nan_is_named():
+    result = _quiet(check_nf4_quantize, lambda W, b: _nf4(W, b, guard_zero=False))
+    assert not result and "NaN" in result.message and "block of zeros" in result.message
+
+
+def test_nf4_not_nearest_code_is_named():
+    def round_up(W, block):  # the next code up instead of the nearest
+        code = nf4_codebook()
+        blocks = W.reshape(-1, block)
+        scale = blocks.abs().amax(1, keepdim=True)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        idx = torch.bucketize(blocks / safe, code).clamp(max=15)
+        return (code[idx] * scale).reshape(W.shape)
+    result = _quiet(check_nf4_quantize, round_up)
+    assert not result and "not the nearest code" in result.message
+
+
 def test_nf4_wrong_codebook_is_named():
     def int4_like(W, block):
         blocks = W.reshape(-1, block)
-        scale = blocks.abs().amax(1, keepdim=True)
+        scale = blocks.abs().amax(1, keepdim=True).clamp(min=1e-30)  # a zero block stays 0
         return (torch.round(blocks / scale * 7) / 7 * scale).reshape(W.shape)
     result = _quiet(check_nf4_quantize, int4_like)
     assert not result and "NF4 grid" in result.message

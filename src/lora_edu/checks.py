@@ -327,7 +327,9 @@ def check_nf4_quantize(student_fn: Callable[[Tensor, int], Tensor], *,
     """Check ``student_fn(W, block_size) -> Ŵ``: NF4 blockwise absmax quantise-then-dequantise.
 
     Each block of ``block_size`` consecutive values (of the flattened W) is divided by its
-    absolute maximum, rounded to the nearest of the 16 NF4 values, and multiplied back.
+    absolute maximum, rounded to the nearest of the 16 NF4 values, and multiplied back. Each
+    case has one block of large weights (a global absmax would crush the rest) and one block
+    of zeros (as after pruning or padding), which must come back as zeros, not NaN.
     """
     gen = torch.Generator().manual_seed(4)
     finish = _reporter("NF4 quantisation", len(block_sizes), raise_on_failure, verbose,
@@ -336,7 +338,9 @@ def check_nf4_quantize(student_fn: Callable[[Tensor, int], Tensor], *,
     for block in block_sizes:
         W = torch.randn(8, 4 * block, generator=gen)
         W[0, :block] *= 20  # one block with a large scale: a global absmax would crush the rest
-        label = f"an {W.shape[0]}×{W.shape[1]} matrix with block_size={block}"
+        W[1, :block] = 0    # one block of zeros: its absmax is 0
+        label = (f"an {W.shape[0]}×{W.shape[1]} matrix with block_size={block} (one block "
+                 "of zeros)")
         got, error = _call_for_tensor("the result", student_fn, W.clone(), block)
         if error:
             return finish(f"on {label}: {error}")
@@ -350,12 +354,17 @@ def check_nf4_quantize(student_fn: Callable[[Tensor, int], Tensor], *,
         flat = W.reshape(-1)
         absmax_global = flat.abs().max()
         global_q = code[((flat / absmax_global)[:, None] - code).abs().argmin(1)] * absmax_global
+        absmax = W.reshape(-1, block).abs().amax(1, keepdim=True)
         if _close(got.float(), global_q.reshape(W.shape)):
             why = ("you used one absmax for the whole tensor; NF4 is blockwise: each block of "
                    f"{block} values gets its own absmax, so one outlier does not crush the rest")
+        elif not torch.isfinite(got).all():
+            why = ("your result has NaN or inf: a block of zeros has absmax 0, and 0/0 is NaN. "
+                   "Divide such a block by 1 instead (torch.where(c > 0, c, 1)): its values are "
+                   "0, and 0 is an NF4 code, so they come back exactly")
         else:
-            off_grid = ~torch.isclose((got.float().reshape(-1, block) /
-                                       W.reshape(-1, block).abs().amax(1, keepdim=True))[..., None],
+            safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+            off_grid = ~torch.isclose((got.float().reshape(-1, block) / safe)[..., None],
                                       code, atol=1e-4).any(-1)
             if off_grid.any():
                 why = ("some values are not on the NF4 grid (block absmax × one of the 16 NF4 "
