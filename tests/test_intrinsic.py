@@ -364,3 +364,107 @@ def test_amplification_ratio_is_one_for_random_directions_and_scale_free():
         amplification_ratio(W, gaussian(60, 4, seed=6), Vr[:4])
     with pytest.raises(ValueError, match="zero matrix"):
         amplification_ratio(torch.zeros(60, 50), Ur[:, :4], Vr[:4])
+
+
+# ----------------------------------------------------------------- storage, SAID, chapter 4
+
+
+def test_projections_store_what_their_docstrings_say():
+    """Sparse: 2·d·s numbers (row indices and values); Hadamard: D + 2d (rows, columns, signs)."""
+    sparse, hadamard = SparseProjection(5000, 40, seed=0), HadamardProjection(5000, 40, seed=0)
+    assert sum(b.numel() for b in sparse.buffers()) == 2 * 40 * sparse.s
+    assert sum(b.numel() for b in hadamard.buffers()) == 5000 + 2 * 40
+
+
+def test_said_starts_at_theta0_counts_its_scales_and_scales_each_tensor():
+    net = tiny_net()  # two parameter tensors with a bias: 7·8 + 8 + 8·8 = 128, m = 3
+    x = torch.randn(5, 7)
+    sub = SubspaceModel(net, d=10, projection="hadamard", seed=4, said=True)
+    assert (sub.d, sub.z.numel(), sub.lam.numel()) == (10, 7, 3)
+    assert torch.equal(sub(x), net(x))
+    assert [n for n, p in sub.named_parameters() if p.requires_grad] == ["z", "lam"]
+    with torch.no_grad():
+        sub.z.copy_(torch.randn(7))
+        sub.lam.copy_(torch.tensor([2.0, -1.0, 0.5]))
+    step = projection_matrix(sub.projection) @ sub.z.detach()
+    expected = sub.theta0 + torch.cat([lam * piece for lam, piece in
+                                       zip([2.0, -1.0, 0.5], step.split([56, 8, 64]))])
+    assert torch.allclose(sub.theta().detach(), expected, atol=1e-6)
+
+
+def test_said_first_gradient_in_z_is_did_s_and_its_scales_then_learn():
+    """λ = 1 at the start: SAID with d = k + m and DID with d = k share P and the z-gradient;
+    ∂L/∂λ is zero at z = 0 and not after a step."""
+    x, y = torch.randn(16, 7), torch.randn(16, 8)
+    did = SubspaceModel(tiny_net(), d=9, projection="hadamard", seed=3)
+    said = SubspaceModel(tiny_net(), d=12, projection="hadamard", seed=3, said=True)
+    for sub in (did, said):
+        nn.functional.mse_loss(sub(x), y).backward()
+    assert torch.allclose(did.z.grad, said.z.grad)
+    assert said.lam.grad.abs().max() == 0
+    torch.optim.SGD([said.z, said.lam], lr=0.1).step()
+    said.zero_grad()
+    nn.functional.mse_loss(said(x), y).backward()
+    assert said.lam.grad.abs().min() > 0
+
+
+def test_said_refuses_too_small_d_and_bad_flags():
+    with pytest.raises(ValueError, match="SAID trains 3 scales"):
+        SubspaceModel(tiny_net(), d=3, said=True)
+    with pytest.raises(TypeError, match="said must be True or False"):
+        SubspaceModel(tiny_net(), d=5, said=1)
+
+
+def test_d90_is_the_first_d_at_the_bar():
+    from lora_edu.intrinsic import d90
+
+    assert d90([8, 16, 32], [0.5, 0.7, 0.6], bar=0.6) == 16
+    assert d90([8, 16, 32], [0.5, 0.55, 0.59], bar=0.6) is None
+    with pytest.raises(ValueError, match="ascending"):
+        d90([16, 8], [0.1, 0.2], bar=0.6)
+
+
+def small_experiment(**kw):
+    from lora_edu.intrinsic import TransferExperiment
+
+    return TransferExperiment(n_a=64, n_b=32, width=8, steps=3, n_val=16, n_test=16, **kw)
+
+
+def test_transfer_experiment_runs_every_method_and_counts_what_it_trains():
+    from lora_edu.intrinsic import METHODS
+
+    ex = small_experiment()
+    assert ex.D == 16 * 8 + 8 + 8 * 8 + 8 + 8 * 4 + 4
+    head = 8 * 4 + 4
+    assert ex.trainable("full") == ex.D and ex.trainable("head") == head
+    assert ex.trainable("lora", 2) == head + 2 * (16 + 8) + 2 * (8 + 8)
+    assert ex.trainable("did", 40) == ex.trainable("said", 40) == 40
+    for method in METHODS:
+        out = ex.run(method, 2 if method == "lora" else 40, 1e-2, seed=0)
+        assert set(out) == {"val", "test"} and all(0 <= v <= 1 for v in out.values())
+    assert ex.run("did", 40, 1e-2, seed=1) == ex.run("did", 40, 1e-2, seed=1)  # repeatable
+    assert ex.run("full", 0, 1e-2, seed=0, start="scratch")["val"] >= 0
+
+
+def test_transfer_experiment_pairs_runs_by_seed():
+    """Seed s gives every method on a start the same new head; the body is the pretrained one."""
+    ex = small_experiment()
+    a, b = ex.start("pretrained", 3), ex.start("pretrained", 3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = ex.start("pretrained", 4)
+    assert torch.equal(a[0].weight, c[0].weight) and not torch.equal(a[-1].weight, c[-1].weight)
+    assert torch.equal(a[0].weight, ex.pretrained()[0].weight)
+    own = small_experiment(task_b_teacher=5)
+    assert torch.equal(own.task_a.X, ex.task_a.X) and not torch.equal(own.task_b.y, ex.task_b.y)
+
+
+def test_transfer_experiment_refuses_bad_input():
+    ex = small_experiment()
+    with pytest.raises(ValueError, match="method must be one of"):
+        ex.run("adapter", 1, 1e-2, seed=0)
+    with pytest.raises(ValueError, match="kind must be 'pretrained' or 'scratch'"):
+        ex.start("random", 0)
+    with pytest.raises(ValueError, match="projection must be"):
+        small_experiment(projection="dense")
+    with pytest.raises(ValueError, match="n_class must satisfy"):
+        small_experiment(n_class=1)

@@ -10,13 +10,17 @@ Three measurements, in the order the book makes them.
 so training starts exactly at the given model. The smallest ``d`` that reaches 90% of what
 ordinary training reaches is ``d90``. A dense ``P`` would hold ``D·d`` numbers (a million
 parameters and ``d = 1000`` is 4 GB), so :class:`SparseProjection` keeps ``s`` non-zeros per
-column and :class:`HadamardProjection` never stores ``P`` at all. Both have columns of unit
-Euclidean norm *exactly*, as Li et al. prescribe: a unit step in ``z`` moves ``θ`` by a unit
-step. Under plain SGD the step ``η P Pᵀ ∇θL`` is then the ordinary step projected onto the
-subspace, so ``η`` means the same for every ``d``. Adam is different: its first step moves
-every ``z_j`` by about ``η``, so ``‖Δθ‖ ≈ η √d`` grows with ``d`` (the learning rate must
-shrink like ``1/√d`` to keep the step size). :class:`SubspaceModel` wraps any ``nn.Module``
-so that its only trainable parameter is ``z``.
+column (``2·d·s`` numbers: a row index and a value each) and :class:`HadamardProjection` keeps
+only ``D + 2d`` indices and signs. Both have columns of unit Euclidean norm *exactly*, as Li
+et al. prescribe: a unit step in ``z`` moves ``θ`` by a unit step. With orthonormal columns,
+plain SGD's step ``η P Pᵀ ∇θL`` is the ordinary step projected onto the subspace; its length
+is about ``√(d/D)`` of the ordinary step's. Adam's first step moves every ``z_j`` by ``η``, so
+``‖Δθ‖ = η √d``, again ``√(d/D)`` of ordinary Adam's first step ``η √D``: the two optimisers'
+steps grow alike with ``d`` and differ in direction. Neither fixes how the best learning rate
+depends on ``d``, so chapter 4 tunes it for every ``d``. :class:`SubspaceModel` wraps any
+``nn.Module`` so that its only trainable parameter is ``z`` (and, for SAID, the per-tensor
+scales ``λ``). :class:`TransferExperiment` is chapter 4's experiment: two tasks that share
+features and a small network pretrained on one of them.
 
 **Intrinsic rank** (Hu et al., 2022, Section 7). For a weight ``W0 ∈ R^{d×k}`` and its
 fine-tuned value ``W0 + ΔW``: the singular values of ``ΔW``, the rank that keeps a fraction
@@ -49,30 +53,41 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lora_edu.linalg import (MatrixLike, as_matrix, low_rank_approx, rank_for_energy,
-                            truncated_svd)
+from lora_edu.linalg import (
+    MatrixLike,
+    as_matrix,
+    low_rank_approx,
+    rank_for_energy,
+    truncated_svd,
+)
 
 __all__ = [
-    "fwht",
-    "SparseProjection",
+    "METHODS",
+    "Amplification",
     "HadamardProjection",
+    "SparseProjection",
+    "SubspaceModel",
+    "TaskSplits",
+    "TransferExperiment",
+    "accuracy",
+    "amplification",
+    "amplification_factor",
+    "amplification_ratio",
+    "d90",
+    "delta_weights",
+    "fit",
+    "fwht",
+    "linear_weights",
+    "lora_delta_weights",
+    "lowrank_svd",
     "make_projection",
     "projection_matrix",
-    "SubspaceModel",
-    "linear_weights",
-    "delta_weights",
-    "lora_delta_weights",
-    "rank_for_energy",
-    "truncate_updates",
-    "subspace_similarity",
-    "similarity_grid",
-    "random_similarity",
     "projection_norm",
-    "Amplification",
-    "amplification",
-    "lowrank_svd",
-    "amplification_ratio",
-    "amplification_factor",
+    "random_similarity",
+    "rank_for_energy",
+    "similarity_grid",
+    "subspace_similarity",
+    "truncate_updates",
 ]
 
 
@@ -131,7 +146,8 @@ class SparseProjection(nn.Module):
     Each column's ``s`` rows are distinct and drawn uniformly, its signs are fair coins, so
     **every column has unit norm exactly** (``s · (1/√s)² = 1``) and two columns are
     orthogonal in expectation. The default ``s = ⌈√D⌉`` is the "very sparse" projection of
-    Li, Hastie and Church (2006). Memory: ``d·s`` row indices and signs, not ``D·d``.
+    Li, Hastie and Church (2006). Memory: ``2·d·s`` numbers (``d·s`` row indices and ``d·s``
+    values ``±1/√s``), not ``D·d``.
     """
 
     def __init__(self, D: int, d: int, s: int | None = None, seed: int = 0) -> None:
@@ -175,8 +191,12 @@ class HadamardProjection(nn.Module):
         P = (1/√D) · R H S C,
 
     where ``C`` puts ``z``'s ``d`` entries at ``d`` random distinct positions of ``R^L``,
-    ``S`` flips random signs, ``H`` mixes every entry into every output (``L log L`` work
-    with :func:`fwht`), and ``R`` keeps ``D`` random distinct rows. Every entry of ``P`` is
+    ``S`` flips random signs, ``H`` mixes every entry into every output, and ``R`` keeps
+    ``D`` random distinct rows. :meth:`forward` applies ``H`` as two small matrix products
+    (``L(a + b)`` multiply-adds with ``a·b = L``, ``a ≈ b ≈ √L``); :func:`fwht`, the
+    reference, would take ``L log2 L`` additions. Memory: ``D + 2d`` stored indices and signs
+    (plus the ``a² + b²`` entries of the two factors, shared by every projection of that
+    ``L``), never ``D·d``. Every entry of ``P`` is
     ``±1/√D``, so **every column has unit norm exactly**; columns are nearly orthogonal, and
     exactly orthonormal when ``D = L`` (``Hᵀ H = L·I``), in which case ``d = D`` makes ``P``
     an orthogonal matrix and plain SGD on ``z`` retraces plain SGD on ``θ``.
@@ -221,7 +241,7 @@ class HadamardProjection(nn.Module):
 @functools.lru_cache(maxsize=16)
 def _hadamard_factors(L: int, device: torch.device, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sylvester Hadamard matrices ``H_a``, ``H_b`` with ``a·b = L``, ``a ≈ b``: ``H_L = H_a ⊗ H_b``."""
+    """Sylvester Hadamard matrices ``H_a``, ``H_b``, ``a·b = L``, ``a ≈ b``: ``H_L = H_a ⊗ H_b``."""
     m = L.bit_length() - 1
     a, b = 1 << (m // 2), 1 << (m - m // 2)
     return (fwht(torch.eye(a, dtype=dtype)).to(device), fwht(torch.eye(b, dtype=dtype)).to(device))
@@ -265,32 +285,54 @@ class SubspaceModel(nn.Module):
     gradients reach ``z`` as ``Pᵀ ∂L/∂θ``. ``config`` is forwarded, so the training loop of
     :mod:`lora_edu.train` accepts a wrapped GPT.
 
+    With ``said=True`` it is Aghajanyan et al.'s *structure-aware* intrinsic dimension
+    (SAID): each of the model's ``m`` parameter tensors ``i`` (every weight and every bias)
+    gets its own trainable scale ``λ_i``,
+
+        θ_i = θ0_i + λ_i (P z)_i,        z ∈ R^{d−m},  λ ∈ R^m,
+
+    and the ``m`` scales count in ``d``, so a SAID model and a plain (DID) one of the same
+    ``d`` train the same number of numbers. ``λ`` starts at 1: at ``z = 0`` the model is
+    still ``θ0``, and the first step's gradient in ``z`` is DID's (``∂L/∂λ = 0`` there).
+
     Args:
         model: any ``nn.Module``; its parameters are set to ``requires_grad=False`` (their
             values are never changed: :meth:`export` writes ``θ0 + P z`` into a copy).
-        d: subspace dimension, ``1 <= d <= D``.
+        d: the number of trained numbers, ``1 <= d <= D`` (SAID: ``m < d <= D + m``).
         projection: ``"sparse"`` or ``"hadamard"``.
         seed: seeds ``P`` (``z`` needs none: it starts at zero).
+        said: add the per-tensor scales ``λ``.
     """
 
     def __init__(self, model: nn.Module, d: int, projection: str = "sparse",
-                 seed: int = 0) -> None:
+                 seed: int = 0, said: bool = False) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(said, bool):
+            raise TypeError(f"said must be True or False, got {said!r}")
         named = list(model.named_parameters())
         D = sum(p.numel() for _, p in named)
         if D == 0:
             raise ValueError("model has no parameters, so there is no space to take a "
                              "subspace of")
-        _check_int(d, "d", 1, D, hint=f"the model has D={D:,} parameters")
-        self.projection = make_projection(projection, D, d, seed)
+        m = len(named) if said else 0
+        _check_int(d, "d", m + 1, D + m,
+                   hint=(f"SAID trains {m} scales (one per parameter tensor) and at least one "
+                         f"direction" if said else f"the model has D={D:,} parameters"))
+        self.projection = make_projection(projection, D, int(d) - m, seed)
         self.model = model.requires_grad_(False)
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.register_buffer("theta0", torch.cat([p.detach().flatten() for _, p in named]))
-        self.z = nn.Parameter(torch.zeros(d, dtype=self.theta0.dtype,
+        self.z = nn.Parameter(torch.zeros(int(d) - m, dtype=self.theta0.dtype,
                                           device=self.theta0.device))
+        self.said = said
+        if said:
+            self.lam = nn.Parameter(torch.ones(m, dtype=self.theta0.dtype,
+                                               device=self.theta0.device))
+            self.register_buffer("sizes", torch.tensor([p.numel() for _, p in named],
+                                                       device=self.theta0.device))
 
     @property
     def D(self) -> int:
@@ -298,15 +340,19 @@ class SubspaceModel(nn.Module):
 
     @property
     def d(self) -> int:
-        return self.z.numel()
+        """The number of trained numbers: ``z``'s entries, plus the ``m`` scales for SAID."""
+        return self.z.numel() + (self.lam.numel() if self.said else 0)
 
     @property
     def config(self) -> Any:
         return getattr(self.model, "config", None)
 
     def theta(self) -> torch.Tensor:
-        """The current full parameter vector ``θ0 + P z``, shape ``(D,)``."""
-        return self.theta0 + self.projection(self.z)
+        """The current full parameter vector ``θ0 + P z`` (SAID: ``θ0 + λ ⊙ P z``), ``(D,)``."""
+        step = self.projection(self.z)
+        if self.said:  # λ_i multiplies the entries of parameter tensor i
+            step = torch.repeat_interleave(self.lam, self.sizes, output_size=self.D) * step
+        return self.theta0 + step
 
     def parameter_dict(self) -> dict[str, torch.Tensor]:
         """``θ0 + P z`` split back into the model's named parameter shapes (views, no copy)."""
@@ -326,7 +372,186 @@ class SubspaceModel(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"D={self.D:,}, d={self.d:,}"
+        return f"D={self.D:,}, d={self.d:,}" + (", said" if self.said else "")
+
+
+# --------------------------------------------------------------------------- chapter 4's experiment
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """One task: inputs ``X*`` (n×n_in, float32) and labels ``y*`` (n,) for train/val/test."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    X_val: torch.Tensor
+    y_val: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+METHODS = ("full", "head", "lora", "did", "said")
+
+
+def d90(dims: Iterable[int], accuracies: Iterable[float], bar: float) -> int | None:
+    """The smallest ``d`` of the grid whose accuracy reaches ``bar`` (``None`` if none does).
+
+    ``dims`` ascending; on a grid that doubles ``d`` the value is an upper bound within a
+    factor of two of the smallest ``d`` that would reach the bar.
+    """
+    dims, accuracies = list(dims), list(accuracies)
+    if len(dims) != len(accuracies) or dims != sorted(dims):
+        raise ValueError("dims must be ascending and as long as accuracies")
+    return next((int(d) for d, a in zip(dims, accuracies) if a >= bar), None)
+
+
+class TransferExperiment:
+    """Chapter 4's experiment: two tasks that share features, a small network pretrained on one.
+
+    A fixed random *teacher* computes ``n_feat`` features ``sin(w_mᵀ x)`` of a Gaussian input
+    ``x ∈ R^{n_in}``; a task labels ``x`` with the largest of ``n_class`` random linear
+    read-outs of those features. Task A (pretraining, plenty of data) and task B (the target,
+    little data) share the teacher and differ in the read-out; ``task_b_teacher`` other than
+    0 gives task B a teacher of its own (nothing shared). The student is an
+    ``n_in–width–width–n_class`` ReLU network, trained by full-batch Adam on the
+    cross-entropy.
+
+    :meth:`run` adapts a start to task B by one method for ``steps`` steps and returns its
+    validation and test accuracy:
+
+    * ``"full"``: every parameter; ``"head"``: only the output layer;
+    * ``"lora"``: LoRA of rank ``size`` (``α = r``) on both hidden layers, plus the head;
+    * ``"did"``: ``θ0 + P z`` with ``d = size`` (:class:`SubspaceModel`); ``"said"``: the
+      same with one scale per parameter tensor, the scales counted in ``size``.
+
+    Seed ``s`` fixes everything random in a run, the same way in every method: the start
+    (pretrained: the new head, drawn with ``torch.manual_seed(100 + s)``; from scratch: the
+    whole network, ``1000 + s``), ``P`` (seed ``10000·s + size``; DID and SAID alike) and
+    LoRA's ``A`` (``200 + s``). So run ``s`` of two methods on one start share the head,
+    and two subspace runs of one ``d`` on the two starts share ``P``: comparisons are paired.
+    The data are fixed (full batches), so the seed is the only randomness.
+
+    Everything runs on the CPU in float32, on every machine: the networks are so small that
+    a GPU would spend its time launching kernels, and the CPU makes a run repeatable.
+    """
+
+    def __init__(self, n_a: int = 4096, n_b: int = 256, width: int = 64, steps: int = 200,
+                 pre_lr: float = 3e-3, n_in: int = 16, n_feat: int = 8, n_class: int = 4,
+                 n_val: int = 2048, n_test: int = 2048, task_b_teacher: int = 0,
+                 projection: str = "hadamard") -> None:
+        for name, value in (("n_a", n_a), ("n_b", n_b), ("width", width), ("steps", steps),
+                            ("n_in", n_in), ("n_feat", n_feat), ("n_val", n_val),
+                            ("n_test", n_test)):
+            _check_int(value, name, 1)
+        _check_int(n_class, "n_class", 2, hint="a classification task has two classes or more")
+        _check_int(task_b_teacher, "task_b_teacher", 0)
+        if projection not in ("sparse", "hadamard"):
+            raise ValueError(f"projection must be 'sparse' or 'hadamard', got {projection!r}")
+        self.n_in, self.n_feat, self.n_class, self.width = n_in, n_feat, n_class, width
+        self.n_val, self.n_test, self.steps, self.pre_lr = n_val, n_test, steps, pre_lr
+        self.projection = projection
+        self.task_a = self._task(seed=1, n_train=n_a, teacher_seed=0)
+        self.task_b = self._task(seed=2, n_train=n_b, teacher_seed=task_b_teacher)
+        self._pretrained: dict[int, nn.Module] = {}
+        self.pretrain_accuracy: dict[int, float] = {}
+
+    def _task(self, seed: int, n_train: int, teacher_seed: int) -> TaskSplits:
+        teacher = torch.randn(self.n_feat, self.n_in,
+                              generator=torch.Generator().manual_seed(teacher_seed))
+        teacher = teacher / self.n_in ** 0.5
+        g = torch.Generator().manual_seed(seed)
+        readout = torch.randn(self.n_class, self.n_feat, generator=g)
+        X = torch.randn(n_train + self.n_val + self.n_test, self.n_in, generator=g)
+        y = (torch.sin(X @ teacher.T) @ readout.T).argmax(dim=1)
+        cuts = (n_train, self.n_val, self.n_test)
+        return TaskSplits(*(t for pair in zip(X.split(cuts), y.split(cuts)) for t in pair))
+
+    def student(self, seed: int) -> nn.Sequential:
+        """A freshly initialised ``n_in–width–width–n_class`` ReLU network (seeded)."""
+        torch.manual_seed(seed)
+        w = self.width
+        return nn.Sequential(nn.Linear(self.n_in, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
+                             nn.Linear(w, self.n_class))
+
+    @property
+    def D(self) -> int:
+        """The student's parameter count."""
+        return sum(p.numel() for p in self.student(0).parameters())
+
+    def pretrained(self, steps: int = 1000) -> nn.Module:
+        """The student (seed 0) after ``steps`` full-batch Adam steps on task A (cached).
+
+        ``steps = 0`` is the untrained network. Its test accuracy on task A is kept in
+        :attr:`pretrain_accuracy`.
+        """
+        steps = _check_int(steps, "steps", 0)
+        if steps not in self._pretrained:
+            model = self.student(0)
+            _, acc = fit(model, list(model.parameters()), self.task_a, steps, self.pre_lr)
+            self._pretrained[steps], self.pretrain_accuracy[steps] = model, acc
+        return self._pretrained[steps]
+
+    def start(self, kind: str, seed: int, pre_steps: int = 1000) -> nn.Module:
+        """``"pretrained"``: a copy of :meth:`pretrained` with a new head (seed ``100 + s``);
+        ``"scratch"``: a fresh network (seed ``1000 + s``)."""
+        if kind == "pretrained":
+            model = copy.deepcopy(self.pretrained(pre_steps))
+            torch.manual_seed(100 + seed)
+            model[-1].reset_parameters()
+            return model
+        if kind == "scratch":
+            return self.student(1000 + seed)
+        raise ValueError(f"kind must be 'pretrained' or 'scratch', got {kind!r}")
+
+    def prepare(self, method: str, size: int, model: nn.Module, seed: int
+                ) -> tuple[nn.Module, list[torch.Tensor]]:
+        """``(module to call, its trainable tensors)`` for ``method`` applied to ``model``."""
+        from lora_edu.lora import LoraConfig, inject_lora
+
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "full":
+            return model, list(model.parameters())
+        if method in ("did", "said"):
+            sub = SubspaceModel(model, size, projection=self.projection,
+                                seed=10_000 * seed + size, said=method == "said")
+            return sub, [p for p in sub.parameters() if p.requires_grad]
+        if method == "head":
+            model.requires_grad_(False)
+        else:
+            torch.manual_seed(200 + seed)
+            inject_lora(model, LoraConfig(r=size, lora_alpha=size, target_modules=["0", "2"]))
+        model[-1].requires_grad_(True)
+        return model, [p for p in model.parameters() if p.requires_grad]
+
+    def trainable(self, method: str, size: int = 0) -> int:
+        """How many numbers ``method`` trains (``size`` is ``d`` or the LoRA rank)."""
+        _, params = self.prepare(method, size, self.student(0), seed=0)
+        return sum(p.numel() for p in params)
+
+    def run(self, method: str, size: int, lr: float, seed: int, start: str = "pretrained",
+            pre_steps: int = 1000) -> dict[str, float]:
+        """Adapt ``start`` (seed ``seed``) to task B by ``method``; ``{"val": …, "test": …}``."""
+        module, params = self.prepare(method, size, self.start(start, seed, pre_steps), seed)
+        val, test = fit(module, params, self.task_b, self.steps, lr)
+        return {"val": val, "test": test}
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of rows of ``X`` whose largest logit is at the label ``y``."""
+    with torch.no_grad():
+        return (model(X).argmax(dim=1) == y).float().mean().item()
+
+
+def fit(model: nn.Module, params: list[torch.Tensor], task: TaskSplits, steps: int,
+        lr: float) -> tuple[float, float]:
+    """``steps`` full-batch Adam steps on the cross-entropy of ``task``'s training split;
+    returns its (validation, test) accuracy."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(task.X), task.y).backward()
+        opt.step()
+    return accuracy(model, task.X_val, task.y_val), accuracy(model, task.X_test, task.y_test)
 
 
 # --------------------------------------------------------------------------- ΔW and its rank
@@ -541,7 +766,7 @@ def amplification(delta_W: MatrixLike, W: MatrixLike, r: int, seed: int = 0) -> 
     if not bool(dW.abs().max() > 0):
         raise ValueError("delta_W is the zero matrix, so it has no directions to project on; "
                          "train the adapter first (LoRA starts with ΔW = B A = 0)")
-    fro = lambda M: float(torch.linalg.matrix_norm(M))  # noqa: E731
+    fro = lambda M: float(torch.linalg.matrix_norm(M))
     return Amplification(
         r=r, delta_norm=fro(dW), weight_norm=fro(W),
         proj_delta=projection_norm(W, *_top_directions(dW, r)),

@@ -1,0 +1,174 @@
+"""Chapter 4's sweep: intrinsic dimension with every arm tuned, on fresh seeds.
+
+Every configuration (a method, its size, a start) is tuned the same way
+(``../shared/EVIDENCE.md``): each learning rate of a window of the grid runs with the two
+**selection seeds**, the best mean **validation** accuracy picks the rate (a best at the
+window's edge widens the window, up to the grid's ends), and the chosen rate then runs with
+the five **report seeds**, which took no part in the choice; the chapter reads their **test**
+accuracy. The arms (:class:`lora_edu.intrinsic.TransferExperiment` says what each trains and
+what a seed fixes):
+
+* the pretrained start (task A, 1,000 steps): full fine-tuning, the head alone, LoRA + head at
+  ranks 1-8, DID and SAID at every ``d`` of the grid, DID with a sparse ``P`` (Exercise 1);
+* the start from scratch: full training and DID;
+* DID on the pretrained start with **one** learning rate for every ``d`` (the rate whose mean
+  validation accuracy over all ``d`` is best), against the rate tuned for each ``d``;
+* pretraining length: full fine-tuning, DID and SAID from starts pretrained for 0-3,000 steps;
+* a task B with a teacher of its own (Exercise 4): full training and DID from both starts.
+
+Writes ``benchmarks/results/intrinsic_dimension-cpu.json`` (accuracies, no timings). About
+15 minutes on one CPU core.
+
+    python benchmarks/intrinsic_dimension.py
+    python benchmarks/intrinsic_dimension.py --quick --out /tmp/id.json   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance, write_result  # noqa: E402
+
+from lora_edu.intrinsic import TransferExperiment  # noqa: E402
+
+GRID = [m * 10.0 ** e for e in range(-5, 2) for m in (1, 3)]   # 1e-5 ... 30, ×3 / ×3.3
+WINDOW = (1e-4, 1.0)                                             # where every arm starts
+SELECT_SEEDS = (1000, 1001)
+REPORT_SEEDS = (0, 1, 2, 3, 4)
+DIMS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+LORA_RANKS = [1, 2, 4, 8]
+PRE_STEPS = 1000
+PRE_SWEEP = [0, 100, 300, 1000, 3000]
+OWN_TEACHER = 7
+
+
+def tune(ex: TransferExperiment, method: str, size: int, start: str = "pretrained",
+         pre_steps: int = PRE_STEPS, seeds: tuple[int, ...] = SELECT_SEEDS,
+         log: str = "") -> dict:
+    """Selection runs over a window of GRID, widened while the best sits at its edge."""
+    lo, hi = GRID.index(WINDOW[0]), GRID.index(WINDOW[1])
+    val: dict[float, list[float]] = {}
+    while True:
+        for lr in GRID[lo:hi + 1]:
+            if lr not in val:
+                val[lr] = [ex.run(method, size, lr, s, start, pre_steps)["val"] for s in seeds]
+        means = {lr: float(np.mean(v)) for lr, v in val.items()}
+        best = max(sorted(means), key=lambda lr: means[lr])   # ties: the smaller rate
+        i = GRID.index(best)
+        if i == lo and lo > 0:
+            lo -= 1
+        elif i == hi and hi < len(GRID) - 1:
+            hi += 1
+        else:
+            break
+    ranked = sorted(means.items(), key=lambda kv: -kv[1])
+    print(f"  {log}{method} {size} {start} pre={pre_steps}: lr {best:g} "
+          f"(val {means[best]:.4f}; next {ranked[1][0]:g} at {ranked[1][1]:.4f})", flush=True)
+    return {"selection": [{"lr": lr, "val": val[lr]} for lr in sorted(val)],
+            "best_lr": best, "at_grid_edge": GRID.index(best) in (0, len(GRID) - 1)}
+
+
+def report(ex: TransferExperiment, method: str, size: int, lr: float, start: str,
+           pre_steps: int, seeds: tuple[int, ...] = REPORT_SEEDS) -> dict:
+    runs = [ex.run(method, size, lr, s, start, pre_steps) for s in seeds]
+    return {"lr": lr, "seeds": list(seeds), "val": [r["val"] for r in runs],
+            "test": [r["test"] for r in runs]}
+
+
+def config(ex: TransferExperiment, method: str, size: int, start: str = "pretrained",
+           pre_steps: int = PRE_STEPS, teacher: int = 0, projection: str = "hadamard",
+           log: str = "") -> dict:
+    tuned = tune(ex, method, size, start, pre_steps, log=log)
+    return {"method": method, "size": size, "start": start, "pre_steps": pre_steps,
+            "teacher": teacher, "projection": projection,
+            "trainable": ex.trainable(method, size), **tuned,
+            "report": report(ex, method, size, tuned["best_lr"], start, pre_steps)}
+
+
+def main() -> int:
+    global DIMS, LORA_RANKS, PRE_SWEEP, REPORT_SEEDS, SELECT_SEEDS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings to check that the script runs (not for committing)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    settings = {"n_a": 4096, "n_b": 256, "width": 64, "steps": 200, "pre_lr": 3e-3}
+    if args.quick:
+        settings["steps"] = 10
+        DIMS, LORA_RANKS, PRE_SWEEP = [8, 64], [1], [0, PRE_STEPS]
+        REPORT_SEEDS, SELECT_SEEDS = (0, 1), (1000,)
+    started = time.time()
+    device = torch.device("cpu")
+    ex = TransferExperiment(**settings)
+    own = TransferExperiment(**settings, task_b_teacher=OWN_TEACHER)
+    sparse = TransferExperiment(**settings, projection="sparse")
+    result = {**provenance("intrinsic_dimension", device), "settings": {
+        **settings, "D": ex.D, "n_val": ex.n_val, "n_test": ex.n_test, "dims": DIMS,
+        "lora_ranks": LORA_RANKS, "grid": GRID, "window": list(WINDOW),
+        "select_seeds": list(SELECT_SEEDS), "report_seeds": list(REPORT_SEEDS),
+        "pre_steps": PRE_STEPS, "pre_sweep": PRE_SWEEP, "own_teacher": OWN_TEACHER},
+        "configs": []}
+    configs = result["configs"]
+
+    def add(experiment: TransferExperiment, *a, **k) -> dict:
+        configs.append(config(experiment, *a, **k))
+        return configs[-1]
+
+    print("the main arms", flush=True)
+    for start in ("pretrained", "scratch"):
+        add(ex, "full", 0, start)
+        for d in DIMS:
+            add(ex, "did", d, start)
+    add(ex, "head", 0)
+    for r in LORA_RANKS:
+        add(ex, "lora", r)
+    for d in DIMS:
+        add(ex, "said", d)
+    for d in DIMS:
+        add(sparse, "did", d, projection="sparse")
+
+    print("one learning rate for every d", flush=True)
+    did = [c for c in configs if c["method"] == "did" and c["start"] == "pretrained"
+           and c["projection"] == "hadamard"]
+    common = set.intersection(*({s["lr"] for s in c["selection"]} for c in did))
+    mean_val = {lr: float(np.mean([np.mean(next(s["val"] for s in c["selection"]
+                                                 if s["lr"] == lr)) for c in did]))
+                for lr in common}
+    single = max(sorted(mean_val), key=lambda lr: mean_val[lr])
+    result["single_lr"] = {"lr": single, "mean_val": mean_val, "report": {
+        str(c["size"]): (c["report"] if c["best_lr"] == single else
+                         report(ex, "did", c["size"], single, "pretrained", PRE_STEPS))
+        for c in did}}
+
+    print("pretraining length", flush=True)
+    for steps in PRE_SWEEP:
+        if steps == PRE_STEPS:
+            continue
+        add(ex, "full", 0, pre_steps=steps, log=f"[pre {steps}] ")
+        for d in DIMS:
+            add(ex, "did", d, pre_steps=steps)
+            add(ex, "said", d, pre_steps=steps)
+    result["pretrain_accuracy"] = {str(k): v for k, v in sorted(ex.pretrain_accuracy.items())}
+
+    print("task B with its own teacher", flush=True)
+    for start in ("pretrained", "scratch"):
+        add(own, "full", 0, start, teacher=OWN_TEACHER)
+        for d in DIMS:
+            add(own, "did", d, start, teacher=OWN_TEACHER)
+
+    # the run time is printed, not recorded: the machine this ran on may have been busy
+    print(f"{len(configs)} configurations in {time.time() - started:.0f} s", flush=True)
+    write_result(result, "intrinsic_dimension", device, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
