@@ -197,7 +197,11 @@ class DoubleQuantizedAbsmax:
 
 
 def double_quantize(absmax: Tensor, block_size: int = 256) -> DoubleQuantizedAbsmax:
-    """Quantise the first-level constants ``absmax`` (n,) fp32 to E4M3 in blocks of ``block_size``."""
+    """Quantise the first-level constants ``absmax`` (n,) fp32 to E4M3, blockwise.
+
+    Blocks of ``block_size`` constants, each with its own fp32 scale (see
+    :class:`DoubleQuantizedAbsmax`).
+    """
     if not isinstance(absmax, Tensor) or absmax.dim() != 1 or not absmax.is_floating_point():
         raise TypeError("absmax must be a 1-D floating-point tensor of quantisation constants")
     _check_block_size(block_size, "double_quant_block_size")
@@ -400,7 +404,10 @@ class Linear4bit(nn.Module):
     def from_linear(cls, linear: nn.Linear, block_size: int = 64, *, double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.float32,
                     codebook: Tensor | None = None) -> Linear4bit:
-        """Quantise an ``nn.Linear``'s weight (NF4 unless ``codebook`` is given); ``linear`` is untouched."""
+        """Quantise an ``nn.Linear``'s weight (NF4 unless ``codebook`` is given).
+
+        ``linear`` itself is left untouched.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         q = quantize_blockwise(linear.weight, nf4_codebook() if codebook is None else codebook,
