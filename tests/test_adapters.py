@@ -15,7 +15,7 @@ from torch import nn
 from lora_edu.adapters import (CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME,
                                _from_peft_key, _to_peft_key, load_adapter, load_peft_adapter,
                                save_adapter, save_peft_adapter)
-from lora_edu.lora import LoraConfig, inject_lora, lora_layers, merge_lora
+from lora_edu.lora import LoraConfig, disable_adapters, inject_lora, lora_layers, merge_lora
 from lora_edu.repro import seed_all
 
 
@@ -218,7 +218,7 @@ def test_save_without_lora() -> None:
 
 @pytest.mark.parametrize("field, value", [("lora_bias", True), ("rank_pattern", {"q": 4}),
                                           ("init_lora_weights", "olora"),
-                                          ("modules_to_save", ["norm"]), ("peft_type", "IA3")])
+                                          ("peft_type", "IA3")])
 def test_peft_options_we_do_not_implement(tmp_path: Path, field: str, value: object) -> None:
     save_peft_adapter(trained(LoraConfig(r=2)), tmp_path)
     cfg = json.loads((tmp_path / PEFT_CONFIG_NAME).read_text())
@@ -244,3 +244,95 @@ def test_property_peft_key_mapping_round_trips(path: list[str], leaf: str) -> No
     assert peft_key.startswith("base_model.model.")
     assert ".base." not in peft_key
     assert _from_peft_key(peft_key) == key
+
+
+# --------------------------------------------------------------------------- modules_to_save
+
+class Classifier(nn.Module):
+    """Two blocks and a head with a buffer (BatchNorm's running statistics are saved too)."""
+
+    def __init__(self, dim: int = 12) -> None:
+        super().__init__()
+        self.body = nn.Sequential(Block(dim), Block(dim))
+        self.head = nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def classifier() -> nn.Module:
+    seed_all(0)
+    return Classifier().eval()
+
+
+def trained_classifier() -> nn.Module:
+    model = inject_lora(classifier(), LoraConfig(r=2, target_modules=["q", "v"],
+                                                 modules_to_save=["head"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        model.head.modules_to_save["default"][0].running_mean.add_(0.5)  # a trained buffer
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["lora_edu", "peft"])
+def test_modules_to_save_round_trip(tmp_path: Path, fmt: str) -> None:
+    model = trained_classifier()
+    save, load_ = (save_adapter, load_adapter) if fmt == "lora_edu" else (save_peft_adapter,
+                                                                          load_peft_adapter)
+    save(model, tmp_path)
+    loaded = load_(classifier(), tmp_path)
+    torch.testing.assert_close(loaded(X), model(X))
+    assert loaded.lora_config.modules_to_save == ["head"]
+    with disable_adapters(loaded):
+        torch.testing.assert_close(loaded(X), classifier()(X))
+
+
+def test_peft_file_names_the_head_as_peft_does(tmp_path: Path) -> None:
+    save_peft_adapter(trained_classifier(), tmp_path)
+    keys = set(load_file(str(tmp_path / PEFT_WEIGHTS_NAME)))
+    head = {k for k in keys if ".head." in k}
+    assert head == {"base_model.model.head.0.weight", "base_model.model.head.0.bias",
+                    "base_model.model.head.0.running_mean", "base_model.model.head.0.running_var",
+                    "base_model.model.head.0.num_batches_tracked",
+                    "base_model.model.head.1.weight", "base_model.model.head.1.bias"}
+    assert json.loads((tmp_path / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["head"]
+
+
+def test_a_file_without_the_head_is_refused_and_the_model_untouched(tmp_path: Path) -> None:
+    save_peft_adapter(trained_classifier(), tmp_path)
+    tensors = load_file(str(tmp_path / PEFT_WEIGHTS_NAME))
+    del tensors["base_model.model.head.1.weight"]
+    save_file(tensors, str(tmp_path / PEFT_WEIGHTS_NAME))
+    model = classifier()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="head.modules_to_save.default.1.weight"):
+        load_peft_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_peft_entries_that_match_nothing_are_dropped_on_load(tmp_path: Path) -> None:
+    """PEFT writes ["classifier", "score"] for every sequence classifier; one never exists."""
+    save_peft_adapter(trained_classifier(), tmp_path)
+    cfg = json.loads((tmp_path / PEFT_CONFIG_NAME).read_text())
+    cfg["modules_to_save"] = ["classifier", "head"]
+    (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps(cfg))
+    assert load_peft_adapter(classifier(), tmp_path).lora_config.modules_to_save == ["head"]
+
+
+def test_loading_into_a_model_with_other_modules_to_save_is_refused(tmp_path: Path) -> None:
+    save_adapter(trained_classifier(), tmp_path)
+    model = inject_lora(classifier(), LoraConfig(r=2, target_modules=["q", "v"]))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("module", ["head", "body.0.norm", "head.1"])
+def test_property_saved_module_keys_round_trip(module: str) -> None:
+    key = f"{module}.modules_to_save.default.weight"
+    assert _to_peft_key(key) == f"base_model.model.{module}.weight"
+    assert _from_peft_key(_to_peft_key(key), [module]) == key

@@ -564,3 +564,108 @@ def test_registry_refuses_bad_registrations(registry) -> None:
     # The built-in error message is unchanged by the registry.
     with pytest.raises(ValueError, match=r"must be one of \(True, False, 'gaussian', 'pissa'\)"):
         LoraConfig(init_lora_weights="svd")
+
+
+# --------------------------------------------------------------------------- modules_to_save
+
+class WithHead(nn.Module):
+    """Two attention blocks, a `pre_classifier` and a `classifier` (DistilBERT's names)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(Attention(dim), Attention(dim))
+        self.pre_classifier = nn.Linear(dim, dim)
+        self.classifier = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.pre_classifier(self.body(x))))
+
+
+def with_head() -> nn.Module:
+    seed_all(0)
+    return WithHead()
+
+
+HEAD = LoraConfig(r=2, target_modules=["q", "v"], modules_to_save=["classifier"])
+
+
+def test_modules_to_save_keeps_the_original_and_trains_a_copy() -> None:
+    model = inject_lora(with_head(), HEAD)
+    wrapper = model.classifier
+    assert wrapper.trainable_module is not wrapper.original_module
+    assert all(p.requires_grad for p in wrapper.trainable_module.parameters())
+    assert not any(p.requires_grad for p in wrapper.original_module.parameters())
+    assert wrapper.weight is wrapper.trainable_module.weight        # attributes forwarded
+    x = torch.randn(4, 16)
+    before = with_head()(x)
+    with torch.no_grad():
+        wrapper.trainable_module.weight.add_(1.0)
+    assert not torch.allclose(model(x), before)
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        assert wrapper(torch.zeros(1, 16)).shape == (1, 3)
+    assert not wrapper.disabled
+
+
+def test_modules_to_save_match_by_suffix_as_peft_does() -> None:
+    """PEFT's rule is str.endswith: "classifier" also takes DistilBERT's "pre_classifier"."""
+    from lora_edu.lora import modules_to_save
+    model = inject_lora(with_head(), HEAD)
+    assert modules_to_save(model) == ["pre_classifier", "classifier"]
+    trainable, total = count_parameters(model)
+    lora = sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lora_layers(model))
+    heads = sum(p.numel() for m in (with_head().pre_classifier, with_head().classifier)
+                for p in m.parameters())
+    assert trainable == lora + heads
+    assert total == sum(p.numel() for p in with_head().parameters()) + lora + heads
+
+
+def test_lora_never_targets_a_module_to_save() -> None:
+    model = inject_lora(with_head(), LoraConfig(r=2, target_modules="all-linear",
+                                                modules_to_save=["classifier"]))
+    names = {n for n, _ in lora_layers(model)}
+    assert not any("classifier" in n for n in names) and "body.0.q" in names
+
+
+@pytest.mark.parametrize("entries", [["score"], ["classifier", "head"]])
+def test_a_name_matching_no_module_raises_and_leaves_the_model_untouched(entries) -> None:
+    model = with_head()
+    before, text = state(model), str(model)
+    missing = [e for e in entries if e != "classifier"][0]
+    with pytest.raises(ValueError, match=f"'{missing}' matches no module"):
+        inject_lora(model, LoraConfig(target_modules=["q", "v"], modules_to_save=entries))
+    assert str(model) == text and "lora_config" not in vars(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", ["classifier", [""], [3], ("ok", None)])
+def test_modules_to_save_must_be_a_list_of_names(bad) -> None:
+    with pytest.raises(TypeError, match="modules_to_save"):
+        LoraConfig(modules_to_save=bad)
+
+
+def test_modules_to_save_with_bias_all_keeps_the_original_frozen() -> None:
+    model = inject_lora(with_head(), LoraConfig(r=2, bias="all", target_modules=["q", "v"],
+                                                modules_to_save=["classifier"]))
+    assert not model.classifier.original_module.bias.requires_grad
+    assert model.classifier.trainable_module.bias.requires_grad
+    assert model.body[0].k.bias.requires_grad
+
+
+def test_merge_and_unload_puts_the_trained_copy_in_place() -> None:
+    model = inject_lora(with_head(), HEAD)
+    set_random_lora(model)
+    x = torch.randn(4, 16)
+    expected = model(x)
+    copy_ = model.classifier.trainable_module
+    merge_and_unload(model)
+    assert model.classifier is copy_
+    assert not list(lora_layers(model))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_inject_twice_with_modules_to_save_is_refused() -> None:
+    model = inject_lora(with_head(), HEAD)
+    with pytest.raises(ValueError, match="twice"):
+        inject_lora(model, LoraConfig(target_modules=["k"], modules_to_save=["classifier"]))

@@ -1,13 +1,15 @@
 """lora_edu against Hugging Face PEFT: same weights in, same numbers out.
 
 PEFT is the reference implementation most readers will use; these tests pin lora_edu to it for
-the forward pass, gradients, dropout, merging, rsLoRA, both adapter layouts, and GPT-2's
-``Conv1D`` (``fan_in_fan_out``). Every model is built from a config: nothing is downloaded.
+the forward pass, gradients, dropout, merging, rsLoRA, both adapter layouts, GPT-2's
+``Conv1D`` (``fan_in_fan_out``), and ``modules_to_save`` on a Llama sequence classifier.
+Every model is built from a config: nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ import torch
 from torch import nn
 
 from lora_edu.adapters import load_peft_adapter, save_peft_adapter
-from lora_edu.lora import LoraConfig, inject_lora, lora_layers, merge_lora
+from lora_edu.lora import (LoraConfig, count_parameters, disable_adapters, inject_lora,
+                           lora_layers, merge_and_unload, merge_lora)
 from lora_edu.repro import seed_all
 
 peft = pytest.importorskip("peft")
@@ -186,3 +189,115 @@ def test_pissa_adapter_from_peft_is_reinitialised_on_the_base(tmp_path: Path) ->
     ours = load_peft_adapter(base_model(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(ours(X), theirs(X), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- modules_to_save
+# A transformers sequence classifier (Llama with a new `score` head), built from a config: LoRA
+# on q, v plus the trained head, the classic first fine-tuning lab.
+
+def llama_classifier() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, num_labels=3, pad_token_id=0)
+    seed_all(0)
+    return transformers.LlamaForSequenceClassification(cfg).eval()
+
+
+IDS = torch.randint(1, 64, (4, 6), generator=torch.Generator().manual_seed(9))
+
+
+def head_cfg() -> dict:
+    """Fresh lists each time: PEFT extends a SEQ_CLS config's modules_to_save in place."""
+    return dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
+
+
+def trained(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Move every trainable tensor (LoRA factors and the head's copy) as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def our_name(peft_name: str) -> str:
+    """PEFT's in-memory name → lora_edu's: ``…q_proj.lora_A.default.weight`` → ``…q_proj.lora_A``;
+    a module to save has the same names in both (``score.modules_to_save.default.weight``)."""
+    name = peft_name.removeprefix("base_model.model.")
+    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1", name)
+
+
+def classifier_pair() -> tuple[nn.Module, nn.Module]:
+    """(lora_edu, PEFT) classifiers with the same trained LoRA factors and head."""
+    ours = trained(inject_lora(llama_classifier(), LoraConfig(**head_cfg())))
+    theirs = peft.get_peft_model(llama_classifier(), peft.LoraConfig(**head_cfg()))
+    ours_params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:  # lora_A.default.weight → lora_A; the head's names are equal
+                p.copy_(ours_params[our_name(name)])
+    return ours, theirs
+
+
+def test_modules_to_save_logits_counts_and_gradients_match_peft() -> None:
+    ours, theirs = classifier_pair()
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)
+    assert count_parameters(ours) == theirs.get_nb_trainable_parameters()
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
+        our_name(n) for n, p in theirs.named_parameters() if p.requires_grad)
+    ours(IDS).logits.square().sum().backward()
+    theirs(IDS).logits.square().sum().backward()
+    torch.testing.assert_close(ours.score.modules_to_save["default"].weight.grad,
+                               theirs.base_model.model.score.modules_to_save["default"].weight.grad)
+
+
+def test_modules_to_save_disabled_adapters_give_the_base_model_head_included() -> None:
+    ours, theirs = classifier_pair()
+    base = llama_classifier()(IDS).logits
+    assert not torch.allclose(ours(IDS).logits, base, atol=1e-3)  # the adapter does something
+    with disable_adapters(ours):
+        torch.testing.assert_close(ours(IDS).logits, base, rtol=0, atol=0)
+    with theirs.disable_adapter():
+        torch.testing.assert_close(theirs(IDS).logits, base, rtol=0, atol=0)
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_all_linear_with_modules_to_save_counts_like_peft() -> None:
+    """"all-linear" on a classifier: the head is a module to save, so it carries no LoRA."""
+    cfg = dict(r=2, target_modules="all-linear", modules_to_save=["score"])
+    ours = inject_lora(llama_classifier(), LoraConfig(**cfg))
+    theirs = peft.get_peft_model(llama_classifier(), peft.LoraConfig(**cfg))
+    assert count_parameters(ours) == theirs.get_nb_trainable_parameters()
+    assert "score" not in {n for n, _ in lora_layers(ours)}
+
+
+def test_modules_to_save_adapter_from_lora_edu_loads_in_peft(tmp_path: Path) -> None:
+    ours, _ = classifier_pair()
+    save_peft_adapter(ours, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(llama_classifier(), str(tmp_path))
+    torch.testing.assert_close(loaded(IDS).logits, ours(IDS).logits, rtol=1e-5, atol=1e-6)
+    with loaded.disable_adapter():
+        torch.testing.assert_close(loaded(IDS).logits, llama_classifier()(IDS).logits)
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_modules_to_save_adapter_from_peft_loads_here(tmp_path: Path, task_type) -> None:
+    """PEFT's SEQ_CLS task adds ["classifier", "score"] to the config; Llama has only `score`."""
+    theirs = trained(peft.get_peft_model(llama_classifier(), peft.LoraConfig(
+        task_type=task_type, **head_cfg())))
+    theirs.save_pretrained(str(tmp_path))
+    ours = load_peft_adapter(llama_classifier(), tmp_path)
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)
+    assert count_parameters(ours) == theirs.get_nb_trainable_parameters()
+    with disable_adapters(ours):
+        torch.testing.assert_close(ours(IDS).logits, llama_classifier()(IDS).logits)
+
+
+def test_merge_and_unload_keeps_the_trained_head_like_peft() -> None:
+    ours, theirs = classifier_pair()
+    expected = theirs.merge_and_unload()(IDS).logits
+    merged = merge_and_unload(ours)
+    assert isinstance(merged.score, nn.Linear)
+    torch.testing.assert_close(merged(IDS).logits, expected, rtol=1e-5, atol=1e-6)

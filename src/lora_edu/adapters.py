@@ -1,14 +1,17 @@
 """Saving and loading LoRA adapters: a small directory of safetensors + JSON, never pickle.
 
-An adapter is what training changed: every ``lora_A`` (r×k) and ``lora_B`` (d×r), plus the
-biases that ``LoraConfig.bias`` made trainable. Two layouts are supported:
+An adapter is what training changed: every ``lora_A`` (r×k) and ``lora_B`` (d×r), the
+biases that ``LoraConfig.bias`` made trainable, and the whole trained copy of each module to
+save (``LoraConfig.modules_to_save``, e.g. a classification head). Two layouts are supported:
 
 * lora_edu's own (:func:`save_adapter` / :func:`load_adapter`): ``lora_edu_adapter.safetensors``
   whose keys are the model's own parameter names (``blocks.0.attn.q.lora_A``), and
   ``lora_edu_config.json`` with the :class:`~lora_edu.lora.LoraConfig`.
 * Hugging Face PEFT's (:func:`save_peft_adapter` / :func:`load_peft_adapter`):
-  ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` and
-  ``adapter_config.json``, which ``peft.PeftModel.from_pretrained(base, dir)`` reads.
+  ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (and,
+  for a module to save, its ``state_dict()`` under ``base_model.model.<module>.<key>``, the
+  name PEFT's ``ModulesToSaveWrapper`` saves it under) and ``adapter_config.json``, which
+  ``peft.PeftModel.from_pretrained(base, dir)`` reads.
 
 Loading checks everything first (the file is safetensors, the config is valid, the keys are
 exactly the expected ones, every shape and the rank match) and only then touches the model,
@@ -28,8 +31,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_edu.lora import (INIT_OPTIONS, LoraConfig, LoRALinear, find_targets, inject_lora,
-                           lora_layers)
+from lora_edu.lora import (INIT_OPTIONS, LoraConfig, LoRALinear, ModulesToSaveWrapper,
+                           find_modules_to_save, find_targets, inject_lora, lora_layers,
+                           modules_to_save)
 
 __all__ = ["save_adapter", "load_adapter", "save_peft_adapter", "load_peft_adapter",
            "WEIGHTS_NAME", "CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME"]
@@ -40,20 +44,34 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 _FORMAT = "lora_edu-adapter/1"
 _PEFT_PREFIX = "base_model.model."
+#: Where a module to save keeps its trained copy: ``<module>.modules_to_save.default.<key>``.
+_SAVED_COPY = f".modules_to_save.{ModulesToSaveWrapper.ADAPTER_NAME}."
 
 PathLike = str | Path
 
 
 # --------------------------------------------------------------------------- what an adapter is
 
+def _saved_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules to save: those already wrapped, or those inject_lora would wrap."""
+    return modules_to_save(model) or find_modules_to_save(model, config)
+
+
 def _adapter_names(model: nn.Module, config: LoraConfig, targets: list[str]) -> dict[str, tuple]:
     """Expected ``{parameter name after injection: shape}`` of the adapter for ``model``.
 
     Works before injection too (``targets`` are then the modules inject_lora would wrap), so a
-    file can be checked against a bare model before the model is changed.
+    file can be checked against a bare model before the model is changed. A module to save
+    contributes its whole ``state_dict()`` (buffers included, as PEFT saves it).
     """
     modules = dict(model.named_modules())
     expected: dict[str, tuple] = {}
+    saved = _saved_names(model, config)
+    for name in saved:
+        module = modules[name]
+        inner = module.trainable_module if isinstance(module, ModulesToSaveWrapper) else module
+        for key, value in inner.state_dict().items():
+            expected[f"{name}{_SAVED_COPY}{key}"] = tuple(value.shape)
     for name in targets:
         module = modules[name]
         base = module.base if isinstance(module, LoRALinear) else module
@@ -68,7 +86,8 @@ def _adapter_names(model: nn.Module, config: LoraConfig, targets: list[str]) -> 
         wrapped = set(targets)  # a target's bias is renamed "<target>.base.bias" by injection
         for pname, param in model.named_parameters():
             owner, _, short = pname.rpartition(".")
-            if short == "bias":
+            if short == "bias" and not any(owner == s or owner.startswith(s + ".")
+                                           for s in saved):
                 expected[f"{owner}.base.bias" if owner in wrapped else pname] = tuple(param.shape)
     return expected
 
@@ -85,6 +104,12 @@ def _model_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], boo
     layers = dict(lora_layers(model))
     if not layers:
         return find_targets(model, config), False
+    entries, wrapped = config.modules_to_save or [], modules_to_save(model)
+    if (any(not any(n.endswith(e) for e in entries) for n in wrapped)
+            or any(not any(n.endswith(e) for n in wrapped) for e in entries)):
+        raise ValueError(f"the adapter has modules_to_save={config.modules_to_save} but the "
+                         f"model's modules to save are {wrapped}; load it into a model without "
+                         "LoRA (it is then injected with the adapter's config)")
     wanted = _settings(config)
     for name, layer in layers.items():
         has = _settings(layer)
@@ -142,6 +167,8 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple],
             if key.endswith("lora_A") and len(got) == 2 and got[0] != r:
                 hint = f" (a rank-{got[0]} A, but the config says r={r})"
             raise ValueError(f"{source}: {key} has shape {got}, expected {shape}{hint}")
+        if _SAVED_COPY in key:  # a saved module's buffers may be integers (BatchNorm's count)
+            continue
         if not tensors[key].is_floating_point():
             raise ValueError(f"{source}: {key} has dtype {tensors[key].dtype}, expected a float")
 
@@ -153,11 +180,16 @@ def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
     _check_tensors(tensors, _adapter_names(model, config, targets), config.r, source)
     if not injected:
         inject_lora(model, config)
-    params = dict(model.named_parameters())
+    params = _named_tensors(model)
     with torch.no_grad():
         for key, value in tensors.items():
             params[key].copy_(value)
     return model
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name (a module to save is saved with its buffers)."""
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
 
 def _saved_config(model: nn.Module) -> LoraConfig:
@@ -170,7 +202,7 @@ def _saved_config(model: nn.Module) -> LoraConfig:
 
 def _adapter_state(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
     expected = _adapter_names(model, config, [n for n, _ in lora_layers(model)])
-    params = dict(model.named_parameters())
+    params = _named_tensors(model)
     # safetensors wants contiguous CPU tensors that share no storage.
     return {key: params[key].detach().to("cpu").contiguous().clone() for key in expected}
 
@@ -221,7 +253,11 @@ def _config_from_dict(data: dict[str, Any], source: Path) -> LoraConfig:
 
 def _to_peft_key(key: str) -> str:
     """Our name → PEFT's: ``0.q.lora_A`` → ``base_model.model.0.q.lora_A.weight``,
-    ``0.q.base.bias`` → ``base_model.model.0.q.base_layer.bias``."""
+    ``0.q.base.bias`` → ``base_model.model.0.q.base_layer.bias``, and a module to save's
+    ``score.modules_to_save.default.weight`` → ``base_model.model.score.weight`` (PEFT's
+    ``ModulesToSaveWrapper`` drops the adapter name when it saves)."""
+    if _SAVED_COPY in key:
+        return _PEFT_PREFIX + key.replace(_SAVED_COPY, ".", 1)
     owner, _, short = key.rpartition(".")
     if short in ("lora_A", "lora_B"):
         return f"{_PEFT_PREFIX}{key}.weight"
@@ -232,12 +268,15 @@ def _to_peft_key(key: str) -> str:
     return f"{_PEFT_PREFIX}{owner}.{short}"
 
 
-def _from_peft_key(key: str) -> str:
-    """The inverse of :func:`_to_peft_key`; a key it cannot map comes back as it is, so that
-    the key check reports it as unexpected."""
+def _from_peft_key(key: str, saved: list[str] | tuple[str, ...] = ()) -> str:
+    """The inverse of :func:`_to_peft_key`, given the names of the modules to save; a key it
+    cannot map comes back as it is, so that the key check reports it as unexpected."""
     if not key.startswith(_PEFT_PREFIX):
         return key
     name = key[len(_PEFT_PREFIX):]
+    for module in saved:
+        if name.startswith(module + "."):
+            return module + _SAVED_COPY + name[len(module) + 1:]
     if name.endswith(".lora_magnitude_vector"):
         return name[: -len("lora_magnitude_vector")] + "magnitude"
     for ab in ("lora_A", "lora_B"):
@@ -273,14 +312,15 @@ def _peft_config(config: LoraConfig) -> dict[str, Any]:
         "lora_dropout": config.lora_dropout, "bias": config.bias,
         "target_modules": config.target_modules, "use_rslora": config.use_rslora,
         "fan_in_fan_out": config.fan_in_fan_out, "init_lora_weights": config.init_lora_weights,
-        "use_dora": config.use_dora, "lora_bias": False, "modules_to_save": None,
+        "use_dora": config.use_dora, "lora_bias": False,
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
     }
 
 
 # PEFT options that change the computation in ways lora_edu does not implement: refuse them.
 _PEFT_UNSUPPORTED = {"lora_bias": (False, None),
                      "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
-                     "modules_to_save": (None, []), "layers_to_transform": (None,),
+                     "layers_to_transform": (None,),
                      "exclude_modules": (None, []), "target_parameters": (None, []),
                      "layer_replication": (None,), "trainable_token_indices": (None,),
                      "use_qalora": (False, None), "use_bdlora": (None, False)}
@@ -307,7 +347,13 @@ def _peft_init(init: Any, source: Path) -> Any:
 
 
 def load_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
-    """Load an adapter saved by PEFT's ``save_pretrained`` (or :func:`save_peft_adapter`)."""
+    """Load an adapter saved by PEFT's ``save_pretrained`` (or :func:`save_peft_adapter`).
+
+    ``modules_to_save`` entries that match no module of ``model`` are dropped, as PEFT ignores
+    them: PEFT itself adds ``["classifier", "score"]`` to a sequence-classification adapter's
+    config, and a model has only one of the two. Every tensor in the file must still find its
+    place, so nothing is silently lost.
+    """
     src = Path(directory)
     data = _read_json(src / PEFT_CONFIG_NAME)
     if data.get("peft_type") != "LORA":
@@ -317,7 +363,13 @@ def load_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     if bad:
         raise ValueError(f"{src / PEFT_CONFIG_NAME} uses PEFT options lora_edu does not "
                          f"implement: {bad}; save the adapter without them")
+    to_save = data.get("modules_to_save")
+    if isinstance(to_save, list):
+        names = [n for n, _ in model.named_modules() if n]
+        to_save = [e for e in to_save if not isinstance(e, str)
+                   or any(n.endswith(e) for n in names)] or None
     config = _config_from_dict({
+        "modules_to_save": to_save,
         "r": data.get("r"), "lora_alpha": data.get("lora_alpha"),
         "lora_dropout": data.get("lora_dropout", 0.0), "bias": data.get("bias", "none"),
         "target_modules": data.get("target_modules"),
@@ -328,5 +380,6 @@ def load_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
                                         src / PEFT_CONFIG_NAME),
     }, src / PEFT_CONFIG_NAME)
     raw = _read_safetensors(src / PEFT_WEIGHTS_NAME)
-    tensors = {_from_peft_key(k): v for k, v in raw.items()}
+    saved = _saved_names(model, config)
+    tensors = {_from_peft_key(k, saved): v for k, v in raw.items()}
     return _install(model, config, tensors, src / PEFT_WEIGHTS_NAME)

@@ -36,6 +36,7 @@ and left: importing the variants from ``lora_edu/__init__.py`` (it would make
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import re
@@ -50,7 +51,8 @@ from torch import nn
 __all__ = [
     "LoraConfig", "LoRALinear", "inject_lora", "mark_only_lora_as_trainable", "merge_lora",
     "unmerge_lora", "merge_and_unload", "disable_adapters", "count_parameters", "lora_layers",
-    "find_targets", "replace_module",
+    "find_targets", "replace_module", "ModulesToSaveWrapper", "find_modules_to_save",
+    "modules_to_save",
     "lora_summary_rows", "show_lora_summary",
     "register_init_method", "register_layer_class", "get_init_method", "get_layer_class",
     "init_options", "BUILTIN_VARIANTS",
@@ -220,6 +222,17 @@ def _check_bias(bias: Any) -> str:
 ALL_LINEAR = "all-linear"
 
 
+def _check_modules_to_save(names: Any) -> list[str] | None:
+    """``None`` or a list of module names; a bare string is refused, as PEFT refuses it."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(
+            isinstance(n, str) and n for n in names):
+        raise TypeError("modules_to_save must be None or a list of module names (e.g. "
+                        f"['score'] or ['classifier']), got {names!r}")
+    return list(names)
+
+
 def _check_targets(target_modules: Any) -> list[str] | str:
     if target_modules == ALL_LINEAR:
         return ALL_LINEAR
@@ -263,6 +276,13 @@ class LoraConfig:
         use_dora: weight-decomposed LoRA (Liu et al., 2024): targets become the layer class
             registered as ``"dora"`` (:class:`lora_edu.variants.DoRALinear`), with a
             trainable magnitude per output.
+        modules_to_save: modules trained in full beside the adapters, typically a new
+            classification head (``["score"]`` on a transformers ``*ForSequenceClassification``
+            Llama, ``["classifier"]`` on BERT-like models). As in PEFT, each module whose name
+            ends with an entry (a plain suffix match: ``"classifier"`` also matches
+            ``"pre_classifier"``) is wrapped in a :class:`ModulesToSaveWrapper` that keeps the
+            original, frozen, and trains a copy; LoRA never targets such a module or anything
+            inside it. An entry that matches no module makes :func:`inject_lora` raise.
 
     Validated on creation; a bad value raises ``ValueError``/``TypeError`` naming the field.
     To extend, add a field and check it in :meth:`validate`.
@@ -277,6 +297,7 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
     use_dora: bool = False
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -289,6 +310,7 @@ class LoraConfig:
         _check_bias(self.bias)
         self.target_modules = _check_targets(self.target_modules)
         _check_init(self.init_lora_weights)
+        self.modules_to_save = _check_modules_to_save(self.modules_to_save)
         for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -442,6 +464,118 @@ class LoRALinear(nn.Module):
                 f"merged={self.merged}")
 
 
+# --------------------------------------------------------------------------- modules to save
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full beside the adapters, kept as PEFT's ``ModulesToSaveWrapper``.
+
+    LoRA adds a low-rank update to existing weights, but a new classification head has no
+    pretrained weights to update: it is trained in full. PEFT keeps the original and trains a
+    copy, so that switching the adapters off gives back the base model exactly, head included:
+
+    * ``original_module``: the module as it was, frozen;
+    * ``modules_to_save["default"]``: a deep copy, trainable (``"default"`` is the adapter name
+      PEFT uses; lora_edu has one adapter per model);
+    * ``forward`` calls the copy, or the original while ``disabled`` is set (by
+      :func:`disable_adapters`).
+
+    The parameter names are PEFT's (``score.original_module.weight``,
+    ``score.modules_to_save.default.weight``), and an adapter file stores the copy's
+    ``state_dict()`` under the module's own name (``base_model.model.score.weight`` in PEFT's
+    layout). Attributes the wrapper lacks (``.weight``, ``.out_features``) are read from the
+    module in use, as in PEFT.
+    """
+
+    ADAPTER_NAME = "default"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ModulesToSaveWrapper wraps an nn.Module, got {type(module).__name__}")
+        if isinstance(module, (ModulesToSaveWrapper, LoRALinear)):
+            raise TypeError(f"cannot wrap a {type(module).__name__}: a module to save is trained "
+                            "in full, so it carries no LoRA and is wrapped once")
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict({self.ADAPTER_NAME: copy.deepcopy(module)})
+        self.disabled = False
+        self.original_module.requires_grad_(False)
+        for param in self.trainable_module.parameters():
+            param.requires_grad_(param.is_floating_point() or param.is_complex())
+
+    @property
+    def trainable_module(self) -> nn.Module:
+        """The trained copy, ``modules_to_save["default"]``."""
+        return self.modules_to_save[self.ADAPTER_NAME]
+
+    def active_module(self) -> nn.Module:
+        """The module ``forward`` calls: the original while disabled, else the trained copy."""
+        return self.original_module if self.disabled else self.trainable_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise  # not built yet: forwarding would recurse
+            return getattr(self.active_module(), name)
+
+
+def _modules_to_save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+def modules_to_save(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` wrapped as modules to save (after :func:`inject_lora`)."""
+    return [name for name, _ in _modules_to_save_wrappers(model)]
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules that ``config.modules_to_save`` makes :func:`inject_lora` wrap.
+
+    PEFT's rule: a module is chosen when its name ends with an entry (plain ``str.endswith``,
+    so ``"classifier"`` matches ``"pre_classifier"`` too). A chosen module's submodules are
+    not chosen again, and nothing inside a LoRA layer is.
+
+    Raises:
+        ValueError: an entry matches no module (the message names it and lists the module
+            names there are), or the model already has modules to save.
+    """
+    entries = config.modules_to_save or []
+    if not entries:
+        return []
+    already = modules_to_save(model)
+    if already:
+        raise ValueError(f"module {already[0]!r} is already a module to save; inject_lora was "
+                         "called twice (load weights with lora_edu.adapters.load_adapter instead)")
+    inside = [n for n, _ in lora_layers(model)]
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = [e for e in entries if not any(n.endswith(e) for n in names)]
+    if unmatched:
+        short = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"modules_to_save entry {unmatched[0]!r} matches no module of the "
+                         f"model; module names end with one of {short}")
+    chosen: list[str] = []
+    for name in names:
+        if any(name.startswith(p + ".") for p in inside + chosen):
+            continue
+        if any(name.endswith(e) for e in entries):
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(f"modules_to_save={entries} matches only modules inside LoRA layers; "
+                         "name the module itself")
+    return chosen
+
+
+def _is_saved(name: str, saved: Sequence[str]) -> bool:
+    """Whether module ``name`` is one of ``saved`` or inside one."""
+    return any(name == s or name.startswith(s + ".") for s in saved)
+
+
 # --------------------------------------------------------------------------- model level
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -485,6 +619,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         TypeError: a match is not an ``nn.Linear`` (nor a ``Conv1D`` with ``fan_in_fan_out``).
     """
     inside_lora = {f"{n}.{c}" for n, _ in lora_layers(model) for c in ("base", "lora_dropout")}
+    saved = find_modules_to_save(model, config)  # raises for a name that matches nothing
     if config.target_modules == ALL_LINEAR:
         already = [n for n, _ in lora_layers(model)]
         if already:  # the loop below would never see them: a LoRALinear is no nn.Linear
@@ -494,9 +629,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     else:
         names = [n for n, _ in model.named_modules()
                  if n and n not in inside_lora and _matches(n, config.target_modules)]
+    # As in PEFT, LoRA never goes on a module to save or inside one: the copy is trained whole.
+    names = [n for n in names if not _is_saved(n, saved)]
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"target_modules={config.target_modules!r} matches no module; "
+        also = f" (modules_to_save={config.modules_to_save} are trained whole)" if saved else ""
+        raise ValueError(f"target_modules={config.target_modules!r} matches no module{also}; "
                          f"the nn.Linear layers are: {linears}")
     modules = dict(model.named_modules())
     check = (None if config.init_lora_weights in _OWN_INITS
@@ -528,6 +666,8 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Replace each targeted linear layer of ``model`` by a :class:`LoRALinear`, in place.
 
     Everything but the LoRA weights (and the biases that ``config.bias`` names) is frozen.
+    Each module named by ``config.modules_to_save`` is wrapped in a
+    :class:`ModulesToSaveWrapper`: the original frozen, a trainable copy in use.
     All targets are checked before anything changes, so a bad config leaves ``model`` as it was.
     The config is kept as ``model.lora_config`` for saving.
 
@@ -540,26 +680,36 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config.validate()  # a dataclass's fields can have been edited since it was created
     names = find_targets(model, config)
+    saved = find_modules_to_save(model, config)
     layer_cls = get_layer_class("dora") if config.use_dora else LoRALinear
     for name in names:
         replace_module(model, name, layer_cls(
             model.get_submodule(name), config.r, config.lora_alpha, config.lora_dropout,
             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
             fan_in_fan_out=config.fan_in_fan_out))
+    for name in saved:
+        replace_module(model, name, ModulesToSaveWrapper(model.get_submodule(name)))
     model.lora_config = config
     mark_only_lora_as_trainable(model, config.bias)
     return model
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze every parameter except ``lora_A``/``lora_B`` (and DoRA's ``magnitude``) and the
-    biases ``bias`` names."""
+    """Freeze every parameter except ``lora_A``/``lora_B`` (and DoRA's ``magnitude``), the
+    biases ``bias`` names and the trained copies of modules to save (their originals stay
+    frozen whatever ``bias`` says, as in PEFT)."""
     _check_bias(bias)
+    wrappers = modules_to_save(model)
+    copies = tuple(f"{n}.modules_to_save." for n in wrappers)
+    originals = tuple(f"{n}.original_module." for n in wrappers)
     lora_bias_names = {f"{n}.base.bias" for n, _ in lora_layers(model)}
     magnitudes = {f"{n}.magnitude" for n, layer in lora_layers(model)
                   if hasattr(layer, "magnitude")}
     for name, param in model.named_parameters():
         short = name.rsplit(".", 1)[-1]
+        if name.startswith(copies) or name.startswith(originals):
+            param.requires_grad_(name.startswith(copies) and param.is_floating_point())
+            continue
         param.requires_grad_(
             short in ("lora_A", "lora_B") or name in magnitudes
             or (bias == "all" and short == "bias")
@@ -584,8 +734,10 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Merge every LoRA layer and put its plain base layer back, for deployment.
 
     Afterwards ``model`` has its original architecture with weights W0 + s·B A, so inference
-    costs exactly what the base model costs. A and B are dropped: this cannot be undone. With
-    ``safe_merge`` a non-finite result raises ``ValueError`` and every layer is left unmerged.
+    costs exactly what the base model costs; each module to save is replaced by its trained
+    copy (as PEFT's ``merge_and_unload`` does). A and B and the original modules are dropped:
+    this cannot be undone. With ``safe_merge`` a non-finite result raises ``ValueError`` and
+    every layer is left unmerged.
     """
     layers = list(lora_layers(model))
     done: list[LoRALinear] = []
@@ -599,6 +751,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         raise
     for name, layer in layers:
         replace_module(model, name, layer.base)
+    for name, wrapper in list(_modules_to_save_wrappers(model)):
+        replace_module(model, name, wrapper.trainable_module)
     if "lora_config" in vars(model):
         del model.lora_config
     return model
@@ -609,14 +763,18 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block ``model`` computes the base model's outputs (s·B A switched off).
 
     Merged layers are unmerged on entry and merged again on exit (so W0 is restored up to
-    floating-point rounding). Biases trained with ``bias="all"``/``"lora_only"`` stay as
-    trained: only with ``bias="none"`` is the result exactly the pretrained model.
+    floating-point rounding). Modules to save use their original, untrained module. Biases
+    trained with ``bias="all"``/``"lora_only"`` stay as trained: only with ``bias="none"`` is
+    the result exactly the pretrained model.
     """
     layers = [layer for _, layer in lora_layers(model)]
+    wrappers = [wrapper for _, wrapper in _modules_to_save_wrappers(model)]
     was_merged = [layer.merged for layer in layers]
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
+    for wrapper in wrappers:
+        wrapper.disabled = True
     try:
         yield model
     finally:
@@ -624,10 +782,16 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
             if merged:
                 layer.merge()
+        for wrapper in wrappers:
+            wrapper.disabled = False
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared parameters are counted once."""
+    """(trainable, total) parameter counts; shared parameters are counted once.
+
+    This is what PEFT's ``get_nb_trainable_parameters`` counts: a module to save counts twice
+    in the total (the frozen original and the trained copy) and once in the trainable part.
+    """
     params = {id(p): p for p in model.parameters()}.values()
     return (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
