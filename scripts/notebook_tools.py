@@ -4,6 +4,11 @@ A chapter is ``book/NN_<topic>.md`` (two digits, an underscore, a lower-case top
 notebook ``notebooks/NN_<topic>.ipynb`` is a pure function of the chapter's text, so that
 ``tests/test_notebooks.py`` can regenerate it in memory and compare: a stale notebook is one
 that differs from what :func:`chapter_to_notebook` makes now.
+
+The notebooks are for students, so they carry **no solutions**. The book's convention (see
+``../shared/DESIGN.md``): solution prose sits in ``:::{admonition} Solution N`` blocks with
+``:class: dropdown`` (collapsed on the website), and a solution's code cell carries the tag
+``solution`` (with ``hide-cell``). :func:`strip_solutions` removes both; the website keeps them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,67 @@ CHAPTER_RE = re.compile(r"^\d\d_[a-z0-9_]+\.md$")
 REGENERATE = "make notebooks"  # the command named in every staleness message
 
 BADGE_IMAGE = "images/colab-badge.svg"
+SOLUTION_TAG = "solution"
+# The opening line of a solution admonition, colon- or backtick-fenced (MyST accepts both):
+# ":::{admonition} Solution 3", "::::{admonition} Solution", "```{admonition} Solution 2 (b)".
+SOLUTION_OPEN = re.compile(r"^(?P<fence>:{3,}|`{3,})\{admonition\}[ \t]+Solution\b.*$")
+
+
+def is_solution_cell(cell: dict) -> bool:
+    """A code cell tagged ``solution`` (the website hides it; student notebooks drop it)."""
+    return cell.get("cell_type") == "code" and SOLUTION_TAG in cell.get("metadata", {}).get(
+        "tags", [])
+
+
+def strip_solution_blocks(markdown: str) -> tuple[str, int]:
+    """``markdown`` without its ``{admonition} Solution`` blocks, and how many were removed.
+
+    A block ends at the first line made of the opening fence's character only, at least as
+    long as the opening fence (MyST's rule, so nested directives with shorter fences stay
+    inside). An unclosed block runs to the end of the cell, as MyST reads it.
+    """
+    lines = markdown.split("\n")
+    kept: list[str] = []
+    removed, i = 0, 0
+    while i < len(lines):
+        match = SOLUTION_OPEN.match(lines[i])
+        if match is None:
+            kept.append(lines[i])
+            i += 1
+            continue
+        fence = match.group("fence")
+        close = re.compile(rf"^{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        i += 1
+        while i < len(lines) and not close.match(lines[i]):
+            i += 1
+        i += 1  # past the closing fence
+        removed += 1
+        while kept and not kept[-1].strip() and i < len(lines) and not lines[i].strip():
+            i += 1  # one blank line where the block was, not two
+    return "\n".join(kept).strip("\n"), removed
+
+
+def strip_solutions(nb: nbformat.NotebookNode) -> int:
+    """Remove solution code cells and solution admonitions from ``nb`` in place.
+
+    Markdown cells left empty are dropped. Returns how many solutions (cells and blocks)
+    were removed.
+    """
+    cells, removed = [], 0
+    for cell in nb.cells:
+        if is_solution_cell(cell):
+            removed += 1
+            continue
+        if cell.cell_type == "markdown":
+            text, n = strip_solution_blocks(cell.source)
+            removed += n
+            if n and not text.strip():
+                continue
+            if n:
+                cell.source = text
+        cells.append(cell)
+    nb.cells = cells
+    return removed
 
 
 def chapters() -> list[Path]:
@@ -69,13 +135,14 @@ def notebook_path(chapter: Path) -> Path:
 
 
 def chapter_to_notebook(chapter: Path) -> nbformat.NotebookNode:
-    """The Colab notebook for ``chapter``: no outputs, stable cell ids.
+    """The Colab notebook for ``chapter``: no solutions, no outputs, stable cell ids.
 
     Cell ids are derived from the chapter's name and the cell's position, so regenerating an
     unchanged chapter gives a byte-identical file. The badge image, a relative path on the
     website, becomes an absolute URL because Colab has no copy of the book's images.
     """
     nb = jupytext.reads(chapter.read_text(encoding="utf-8"), fmt="md:myst")
+    strip_solutions(nb)
     slug, branch = repository()
     raw_badge = f"https://raw.githubusercontent.com/{slug}/{branch}/book/{BADGE_IMAGE}"
     for index, cell in enumerate(nb.cells):
