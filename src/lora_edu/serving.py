@@ -12,14 +12,18 @@ kernels use and the obvious one:
 
 * **segmented** (Punica's SGMV, "segmented gather matrix-vector"): the requests are sorted so
   that those of one adapter form a contiguous segment, and each segment gets one shrink
-  (x_seg A_aᵀ, rank r_a) and one expand (· B_aᵀ) product at its adapter's own rank. The servers
-  use it for prefill, where a segment holds many tokens.
+  (x_seg A_aᵀ, rank r_a) and then one expand (· B_aᵀ) product at its adapter's own rank.
+  Punica designed it for prefill, where a segment holds many tokens.
 * **gathered** (Punica's BGMV, "batched gather matrix-vector"; S-LoRA's MBGMV): every row
   gathers its own adapter's factors and all rows run in two batched products
-  (``torch.bmm``). The servers use it for decode, one token per request. Here the gather pads
-  each adapter to the largest rank r_max present in the batch (the padding rows are zeros:
-  exact, but computed).
-* **loop**: one sub-batch per adapter, picked out with a mask (for comparison).
+  (``torch.bmm``), suited to decode, one token per request. Here the gather pads each adapter
+  to the largest rank r_max present in the batch (the padding rows are zeros: exact, but
+  computed). vLLM's V0 engine used SGMV kernels for prefill and BGMV for decode; its V1
+  engine replaced both by one pair of Triton kernels, ``lora_shrink`` and ``lora_expand``,
+  that look up each token's adapter and serve prefill and decode alike (vLLM PRs #13096 and
+  #14685).
+* **loop**: one sub-batch per adapter, picked out with a mask: the algorithm of PEFT's
+  mixed-batch inference (``adapter_names``, ``LoraLayer._mixed_batch_forward``).
 
 ``mode="auto"`` (the default) picks segmented or gathered per call from the batch's shape by
 :func:`choose_path`, whose threshold was set from ``benchmarks/multi_adapter.py``. The
@@ -37,28 +41,62 @@ over many swaps (merge/unmerge in bf16 or fp16 does pile it up; chapter 11 measu
 **Bottleneck adapters** (Houlsby et al., 2019): ``h + W_up σ(W_down h)`` inserted after a
 sublayer. Unlike LoRA they cannot be merged into W0 (σ is non-linear), so they add sequential
 work at inference; :func:`add_bottleneck_adapters` puts them into the small GPT.
+
+**Measuring.** :func:`interleaved_timings` times candidates in rotating rounds;
+:func:`round_ratio` turns two candidates' per-round times into the median of the per-round
+ratios, their spread, and a verdict (a paired t-interval of the mean log ratio, by
+:func:`lora_edu.stats.paired_difference`). :func:`serve_decode` runs greedy decoding with a KV
+cache (a transformers causal LM) and returns each request's time to first token, time per
+output token and end-to-end latency; :func:`peft_mixed_batch_model` builds the PEFT model with
+the same adapters, the baseline a PEFT user has.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Union
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_edu.lora import replace_module
 
-__all__ = ["MultiLoRALinear", "AdapterIds", "set_adapter_ids", "inject_multi_lora",
-           "choose_path", "SEGMENT_MIN_RANK_ROWS", "sort_by_adapter", "BottleneckAdapter", "add_bottleneck_adapters",
-           "AdapterSwitcher", "interleaved_timings", "random_adapters", "multi_lora_gpt",
-           "OneAdapterAtATime", "adapter_nbytes", "lru_loads"]
+__all__ = [
+    "SEGMENT_MIN_RANK_ROWS",
+    "AdapterIds",
+    "AdapterSwitcher",
+    "BottleneckAdapter",
+    "DecodeResult",
+    "MultiLoRALinear",
+    "OneAdapterAtATime",
+    "RoundRatio",
+    "adapter_nbytes",
+    "add_bottleneck_adapters",
+    "choose_path",
+    "greedy_decode",
+    "inject_multi_lora",
+    "interleaved_timings",
+    "kv_cache",
+    "lru_loads",
+    "multi_lora_gpt",
+    "peft_mixed_batch_model",
+    "percentile",
+    "random_adapters",
+    "rotating_rounds",
+    "round_ratio",
+    "serve_decode",
+    "set_adapter_ids",
+    "sort_by_adapter",
+]
 
 #: How a batch names its adapters: one name (or index) per request.
-AdapterIds = Union[Sequence[str], Sequence[int], torch.Tensor]
+AdapterIds = Sequence[str] | Sequence[int] | torch.Tensor
 
 #: ``mode="auto"`` takes the segmented path when the gathered path would gather at least this
 #: many rank rows per adapter present (requests × r_max / adapters present), and the gathered
@@ -141,9 +179,10 @@ class MultiLoRALinear(nn.Module):
     (BGMV-like: each request gathers its factors padded to the batch's largest rank, two
     ``torch.bmm``; ``"batched"`` is its old name), ``"loop"`` (a masked sub-batch per adapter)
     or ``"auto"`` (the default: :func:`choose_path` decides per call). The segmented and loop
-    paths do the same products on the same numbers, so they agree bit for bit; the gathered
-    path sums in another order and agrees up to float rounding (exactly, when every product
-    and sum is exact, e.g. small integers).
+    paths do the same products on the same numbers, so they usually agree bit for bit (a
+    kernel may block a sum differently for a slice and for a copy of the same rows); the
+    gathered path sums in another order and agrees up to float rounding (exactly, when every
+    product and sum is exact, e.g. small integers).
     """
 
     MODES = ("auto", "segmented", "gathered", "loop", "batched")
@@ -508,6 +547,278 @@ def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int = 
     return times
 
 
+def rotating_rounds(fns: Mapping[str, Callable[[], Any]], rounds: int,
+                    warmup: int = 1) -> dict[str, list[Any]]:
+    """Call every function once per round, in an order rotated each round, and collect what
+    each returns (the ``warmup`` rounds are run and dropped). The arms of a comparison then
+    share each round's machine state, so that a per-round ratio compares like with like."""
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    names = list(fns)
+    out: dict[str, list[Any]] = {n: [] for n in names}
+    for rnd in range(warmup + rounds):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            value = fns[name]()
+            if rnd >= warmup:
+                out[name].append(value)
+    return out
+
+
+@dataclass(frozen=True)
+class RoundRatio:
+    """The ratio ``a / b`` of two arms measured in paired rounds (EVIDENCE.md §5).
+
+    Attributes:
+        median: the median over rounds of the per-round ratios a_i / b_i, the headline figure.
+        q1, q3: the quartiles of the per-round ratios (their spread: the middle half).
+        low, high: the 95 % confidence interval of the geometric-mean ratio, exp of the paired
+            t-interval of mean(log a_i − log b_i) (:func:`lora_edu.stats.paired_difference`).
+        rounds: the number of rounds.
+        ratios: the per-round ratios, for a reader to check.
+    """
+
+    median: float
+    q1: float
+    q3: float
+    low: float
+    high: float
+    rounds: int
+    ratios: tuple[float, ...]
+
+    @property
+    def verdict(self) -> str:
+        """``"higher"`` (a > b), ``"lower"`` or ``"indistinguishable"``: does the interval
+        exclude 1?"""
+        return ("higher" if self.low > 1 else "lower" if self.high < 1
+                else "indistinguishable")
+
+    def text(self, digits: int = 2, percent: bool = False) -> str:
+        """``"1.19× (middle half of 20 rounds 1.17–1.21; 95 % CI 1.18–1.20)"``, or with
+        ``percent=True`` the same as changes: ``"+19 % (… +17 to +21 %; …)"``."""
+        if percent:
+            f = (lambda v: f"{100 * (v - 1):+.{digits}f}".replace("-", "−"))
+            return (f"{f(self.median)} % (middle half of {self.rounds} paired rounds "
+                    f"{f(self.q1)} to {f(self.q3)} %; 95 % CI {f(self.low)} to {f(self.high)} %)")
+        return (f"{self.median:.{digits}f}× (middle half of {self.rounds} paired rounds "
+                f"{self.q1:.{digits}f}–{self.q3:.{digits}f}; 95 % CI "
+                f"{self.low:.{digits}f}–{self.high:.{digits}f})")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures for a results file (rounded to 4 decimals)."""
+        return {"median": round(self.median, 4), "q1": round(self.q1, 4),
+                "q3": round(self.q3, 4), "ci95_low": round(self.low, 4),
+                "ci95_high": round(self.high, 4), "rounds": self.rounds}
+
+
+def round_ratio(a: Sequence[float], b: Sequence[float]) -> RoundRatio:
+    """Summarise ``a[i] / b[i]`` over paired rounds: the median of the per-round ratios with
+    their quartiles, and the confidence interval of the geometric-mean ratio.
+
+    ``a`` and ``b`` are positive measurements of the same rounds (seconds, or tokens per
+    second); round ``i`` of each ran back to back (:func:`interleaved_timings`,
+    :func:`rotating_rounds`). Raises ``ValueError`` for unequal lengths, fewer than 2
+    rounds or a value that is not positive."""
+    from lora_edu.stats import paired_difference
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"a and b must be 1-D with one value per round, of one length; got "
+                         f"shapes {x.shape} and {y.shape}")
+    if len(x) < 2:
+        raise ValueError(f"need at least 2 paired rounds, got {len(x)}; run more rounds")
+    if not (np.isfinite(x).all() and np.isfinite(y).all() and (x > 0).all() and (y > 0).all()):
+        raise ValueError("every measurement must be positive and finite (a time or a rate); "
+                         "a zero time means the clock is too coarse: time more work per call")
+    ratios = x / y
+    d = paired_difference(np.log(x), np.log(y))
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    return RoundRatio(median=float(med), q1=float(q1), q3=float(q3), low=math.exp(d.low),
+                      high=math.exp(d.high), rounds=len(x),
+                      ratios=tuple(float(v) for v in ratios))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) of ``values``, linear interpolation (numpy's default):
+    with n values, p95 lies between the two largest once n < 20."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or len(v) == 0 or not 0 <= q <= 100:
+        raise ValueError(f"need a non-empty 1-D sequence and 0 <= q <= 100, got shape "
+                         f"{v.shape} and q={q!r}")
+    return float(np.percentile(v, q))
+
+
+# --------------------------------------------------------------------------- decoding
+
+@dataclass
+class DecodeResult:
+    """Greedy decoding of a batch of requests, each with its own latencies.
+
+    Attributes:
+        tokens: ``(n, new_tokens)`` generated token ids, in request order.
+        ttft: ``(n,)`` time to first token of each request: from the start (every request
+            arrived at time 0) until its first new token was ready, waiting included.
+        tpot: ``(n,)`` time per output token after the first: (last − first) / (new_tokens − 1).
+        e2e: ``(n,)`` end-to-end latency: from the start until its last token.
+        makespan: from the start until the last request finished.
+    """
+
+    tokens: torch.Tensor
+    ttft: list[float]
+    tpot: list[float]
+    e2e: list[float]
+    makespan: float
+
+    def summary(self) -> dict[str, float]:
+        """Mean and p95 of each latency over the requests, and tokens per second."""
+        out: dict[str, float] = {}
+        for name in ("ttft", "tpot", "e2e"):
+            v = getattr(self, name)
+            out[f"{name}_mean"] = float(np.mean(v))
+            out[f"{name}_p95"] = percentile(v, 95)
+        out["tokens_per_s"] = self.tokens.numel() / self.makespan
+        return out
+
+
+def _clock(clock: str) -> Callable[[], float]:
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    return time.perf_counter if clock == "wall" else time.thread_time
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, idx: torch.Tensor, new_tokens: int,
+                  forward_kwargs: Mapping[str, Any] | None = None, clock: str = "wall",
+                  ) -> tuple[torch.Tensor, list[float]]:
+    """Greedy decoding with a KV cache: one prefill of the prompts, then ``new_tokens − 1``
+    decode steps of one token per request, each reading the keys and values of all earlier
+    positions from the cache instead of recomputing them.
+
+    ``model`` is a transformers causal LM (``model(input_ids, past_key_values=...,
+    use_cache=True, logits_to_keep=1)``; a PEFT model works, with ``adapter_names`` in
+    ``forward_kwargs``). ``idx`` (n, T) holds prompts of one length (no padding). Returns the
+    tokens (n, new_tokens) and, for each step, the seconds from the start until its tokens were
+    ready (CUDA is synchronised before each reading of the clock)."""
+    from transformers import DynamicCache
+
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be a positive int, got {new_tokens!r}")
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be (requests, prompt length) token ids, got shape "
+                         f"{tuple(idx.shape)}")
+    kwargs = dict(forward_kwargs or {})
+    now = _clock(clock)
+    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+    cache = DynamicCache()
+    sync()
+    t0 = now()
+    step_in, out, times = idx, [], []
+    for _ in range(new_tokens):
+        logits = model(input_ids=step_in, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1, **kwargs).logits
+        step_in = logits[:, -1].argmax(-1, keepdim=True)          # (n, 1): greedy
+        out.append(step_in)
+        sync()
+        times.append(now() - t0)
+    return torch.cat(out, dim=1), times
+
+
+def serve_decode(groups: Sequence[tuple[torch.Tensor, Callable[[], Mapping[str, Any] | None]]],
+                 model: nn.Module, idx: torch.Tensor, new_tokens: int,
+                 clock: str = "wall") -> DecodeResult:
+    """Serve requests that all arrive at time 0, group after group, each group decoded to
+    completion before the next starts (one batch per group).
+
+    ``groups``: (rows, prepare) pairs; ``rows`` indexes the requests of ``idx`` in the group,
+    ``prepare()`` makes the model ready for it (merge its adapter, set per-request adapter ids)
+    and returns extra forward keyword arguments (or ``None``). One group holding every row is a
+    mixed batch; one group per adapter is serving one adapter at a time, where a later group's
+    requests wait for all earlier groups (their time to first token includes the wait). The time
+    ``prepare`` takes counts, as a server's would."""
+    n = idx.shape[0]
+    ttft, tpot, e2e = [0.0] * n, [0.0] * n, [0.0] * n
+    tokens = torch.empty(n, new_tokens, dtype=torch.long, device=idx.device)
+    now = _clock(clock)
+    sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
+    covered = 0
+    sync()
+    start = now()
+    for rows, prepare in groups:
+        rows = torch.as_tensor(rows, device=idx.device).reshape(-1)
+        kwargs = prepare()
+        sync()
+        offset = now() - start
+        out, times = greedy_decode(model, idx[rows], new_tokens, kwargs, clock=clock)
+        tokens[rows] = out
+        per_token = (times[-1] - times[0]) / (new_tokens - 1) if new_tokens > 1 else 0.0
+        for i in rows.tolist():
+            ttft[i], e2e[i], tpot[i] = offset + times[0], offset + times[-1], per_token
+        covered += len(rows)
+    if covered != n:
+        raise ValueError(f"the groups cover {covered} rows, the batch has {n}; every request "
+                         "must be in exactly one group")
+    return DecodeResult(tokens, ttft, tpot, e2e, makespan=now() - start)
+
+
+def kv_cache(model: nn.Module, idx: torch.Tensor,
+             forward_kwargs: Mapping[str, Any] | None = None
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values a causal LM caches for the prompts ``idx`` (n, T): one
+    ``(K, V)`` per layer, each (n, heads, T, d_head)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=idx, past_key_values=cache, use_cache=True, logits_to_keep=1,
+              **dict(forward_kwargs or {}))
+    if hasattr(cache, "layers"):
+        return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    return [(k.clone(), v.clone()) for k, v in zip(cache.key_cache, cache.value_cache)]
+
+
+def peft_mixed_batch_model(base: nn.Module, multi: nn.Module) -> nn.Module:
+    """A PEFT model over a copy of ``base`` holding the same adapters as ``multi`` (a model whose
+    layers are :class:`MultiLoRALinear`), with the same names, factors and scalings: the
+    baseline a PEFT user has for a batch that mixes adapters, called with
+    ``model(..., adapter_names=[one name per request])`` (PEFT's ``_mixed_batch_forward``).
+
+    Every adapter must have one rank across the layers (as :func:`multi_lora_gpt` makes them).
+    Returned in eval mode (PEFT refuses ``adapter_names`` in training mode)."""
+    import copy
+    import warnings
+
+    import peft
+
+    layers = {n: m for n, m in multi.named_modules() if isinstance(m, MultiLoRALinear)}
+    if not layers:
+        raise ValueError("multi has no MultiLoRALinear layer; build it with inject_multi_lora "
+                         "or multi_lora_gpt")
+    first = next(iter(layers.values()))
+    for name, layer in layers.items():
+        if layer.names != first.names or layer.ranks != first.ranks:
+            raise ValueError(f"layer {name!r} has other adapters or ranks than the first "
+                             "layer; PEFT's config gives an adapter one rank for all layers")
+
+    def config(j: int) -> Any:
+        r = first.ranks[j]
+        return peft.LoraConfig(r=r, lora_alpha=float(first.scaling[j]) * r,
+                               target_modules=list(layers), lora_dropout=0.0)
+
+    with warnings.catch_warnings():  # PEFT warns about unknown model types; harmless here
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(base), config(0), adapter_name=first.names[0])
+        for j, a in enumerate(first.names[1:], start=1):
+            model.add_adapter(a, config(j))
+    inner = model.base_model.model
+    with torch.no_grad():
+        for name, layer in layers.items():
+            target = inner.get_submodule(name)
+            for j, a in enumerate(layer.names):
+                A, Bt = layer.factors(j)
+                target.lora_A[a].weight.copy_(A)
+                target.lora_B[a].weight.copy_(Bt.T)
+    return model.eval()
+
+
 def random_adapters(d: int, k: int, n: int, r: int | Sequence[int], generator: torch.Generator,
                     scaling: float = 2.0) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``n`` random adapters ``task0 …`` for a d×k layer (A ~ N(0, 1/k), B ~ N(0, 0.01²)).
@@ -578,12 +889,19 @@ class OneAdapterAtATime:
         ends = torch.cumsum(counts, 0).tolist()
         return [(j, e - c, e) for j, c, e in zip(present.tolist(), counts.tolist(), ends)]
 
+    def merge_adapter(self, name_or_index: str | int | None) -> None:
+        """Write round(W0 + ΔW) of one adapter (``None``: W0) into every adapted layer of the
+        copy of ``base``, from the exact copy of W0 (:class:`AdapterSwitcher`)."""
+        name = (None if name_or_index is None else self.names[name_or_index]
+                if isinstance(name_or_index, int) else name_or_index)
+        for sw in self.switchers:
+            sw.switch(name)
+
     @torch.no_grad()
     def merged(self, idx: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         outs = []
         for j, lo, hi in self._segments(ids):
-            for sw in self.switchers:
-                sw.switch(self.names[j])
+            self.merge_adapter(j)
             outs.append(self.base(idx[lo:hi]))
         return torch.cat(outs)
 
