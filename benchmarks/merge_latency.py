@@ -1,34 +1,47 @@
 """Inference latency of LoRA merged, unmerged and bottleneck adapters, in the shape of Table 1.
 
-Usage: python benchmarks/merge_latency.py [--repeats N]
+Usage: python benchmarks/merge_latency.py [--rounds N] [--out PATH]
 
+Run it on an otherwise idle machine (the load average is recorded at the start and the end).
 The small GPT (``cpu`` preset on a CPU, ``gpu`` preset on a GPU) runs one forward pass in five
-versions: the base model, a second copy of the base (its difference from the first is the
-noise floor), LoRA on W_q and W_v merged, the same LoRA unmerged, and Houlsby adapters after
-the attention output and the MLP of every block ("AdapterH"). Shapes follow the LoRA paper's
-Table 1 (batch × sequence 32×512, 16×256, 1×128 on a GPU; scaled down on a CPU). Versions are
-timed round-robin, the fastest repeat kept; on a GPU the clock is elapsed time, on a CPU the
-CPU time of one thread (PyTorch single-threaded), which other processes do not inflate.
-Writes ``benchmarks/results/merge_latency-<device>.json`` with each version's milliseconds
-and its ``*_over_base_ratio``, beside the paper's figures for reference.
+versions: the base model, a second copy of the base (an A/A control: its ratio to the base must
+come out indistinguishable from 1), LoRA on W_q and W_v merged, the same LoRA unmerged, and
+Houlsby adapters after the attention output and the MLP of every block ("AdapterH"). Shapes
+follow the LoRA paper's Table 1 (batch × sequence 32×512, 16×256, 1×128 on a GPU; scaled down
+on a CPU: 8×128, 2×64, 1×16 at width 128).
+
+Statistics (``../shared/EVIDENCE.md`` §5): each round runs all five versions back to back in a
+rotated order; each version's time relative to the base is the median of the per-round ratios,
+with their quartiles and the 95 % interval of the geometric-mean ratio (paired over rounds,
+:func:`lora_edu.serving.round_ratio`). On a GPU the clock is elapsed time; on a CPU it is the
+CPU time of the one thread PyTorch runs on, so a CPU figure is a one-thread figure at toy width.
+Writes ``benchmarks/results/merge_latency-<device>.json`` with every round's milliseconds, the
+ratios, and the paper's figures for reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
+from _provenance import provenance, write_result  # benchmarks/ is on sys.path
 from torch import nn
 
 from lora_edu.lora import LoraConfig, inject_lora, lora_layers, merge_lora
 from lora_edu.models import GPT, gpt_config
 from lora_edu.report import show_table
 from lora_edu.repro import get_device, seed_all
-from lora_edu.serving import BottleneckAdapter, add_bottleneck_adapters, interleaved_timings
-
-from _provenance import provenance, write_result  # benchmarks/ is on sys.path
+from lora_edu.serving import (
+    BottleneckAdapter,
+    add_bottleneck_adapters,
+    interleaved_timings,
+    round_ratio,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"cuda": [(32, 512), (16, 256), (1, 128)], "cpu": [(8, 128), (2, 64), (1, 16)]}
@@ -60,9 +73,14 @@ def build_versions(device: torch.device, block: int) -> dict[str, nn.Module]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=30, help="paired rounds (default 30)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default benchmarks/results/merge_latency-<device>.json)")
     args = parser.parse_args()
     device = get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    load_start, t_start = os.getloadavg(), time.time()
     shapes = SHAPES["cuda" if device.type == "cuda" else "cpu"]
     clock = "wall" if device.type == "cuda" else "thread"
     versions = build_versions(device, max(t for _, t in shapes))
@@ -70,30 +88,40 @@ def main() -> int:
     with torch.inference_mode():
         for batch, seq in shapes:
             idx = torch.randint(0, 256, (batch, seq), device=device)
-            times = interleaved_timings({n: (lambda m=m: m(idx)) for n, m in versions.items()},
-                                        repeats=args.repeats, warmup=2, clock=clock)
-            ms = {n: 1000 * min(t) for n, t in times.items()}
-            entry = {f"{n}_ms": round(v, 4) for n, v in ms.items()}
-            entry.update({f"{n}_over_base_ratio": round(ms[n] / ms["base"], 4)
-                          for n in ms if n != "base"})
-            figures[f"{batch}x{seq}"] = entry
-            rows.append((batch, seq, ms["base"], *(ms[n] / ms["base"] for n in
-                                                   ("base_again", "lora_merged",
-                                                    "lora_unmerged", "adapter_h"))))
+            calls = {n: (lambda m=m, x=idx: m(x)) for n, m in versions.items()}
+            times = interleaved_timings(calls, repeats=args.rounds, warmup=2, clock=clock)
+            ratios = {n: round_ratio(t, times["base"]) for n, t in times.items() if n != "base"}
+            figures[f"{batch}x{seq}"] = {
+                "median_ms": {n: round(1e3 * statistics.median(t), 4) for n, t in times.items()},
+                "over_base": {n: r.as_dict() for n, r in ratios.items()},
+                "per_round_ms": {n: [round(1e3 * v, 5) for v in t] for n, t in times.items()}}
+            rows.append((batch, seq, 1e3 * statistics.median(times["base"]),
+                         *(ratios[n].median for n in ("base_again", "lora_merged",
+                                                      "lora_unmerged", "adapter_h"))))
     show_table(rows, ["batch", "seq", "base ms", "base again ×", "merged ×", "unmerged ×",
                       "AdapterH ×"],
-               title=f"Forward pass on {device.type} ({clock} time, fastest of {args.repeats})",
-               numeric_format="{:.3f}")
+               title=f"Forward pass on {device.type} ({clock} time, median of {args.rounds} "
+                     "paired rounds)", numeric_format="{:.3f}")
     result = {
         **provenance("merge_latency", device),
-        "settings": {"repeats": args.repeats, "clock": clock, "statistic": "fastest repeat",
-                     "model": "gpu preset" if device.type == "cuda" else "cpu preset",
+        "load_average_1_5_15min": {"start": [round(v, 2) for v in load_start],
+                                   "end": [round(v, 2) for v in os.getloadavg()]},
+        "duration_s": round(time.time() - t_start, 1),
+        "settings": {"rounds": args.rounds, "warmup_rounds": 2, "clock": clock,
+                     "torch_threads": torch.get_num_threads(),
+                     "statistic": "per version: median of the per-round ratios to the base, "
+                                  "quartiles, 95 % CI of the geometric mean "
+                                  "(lora_edu.serving.round_ratio)",
+                     "model": ("gpu preset" if device.type == "cuda" else
+                               "cpu preset (d_model 128, 4 layers)"),
                      "lora": "r=8, alpha=16 on q and v", "adapter": "AdapterH, bottleneck 16"},
         "figures": figures,
         "paper_table1_ms": PAPER_MS,
         "paper_source": "Hu et al. (2022), LoRA, Table 1 (GPT-2 medium, Quadro RTX8000)",
     }
-    write_result(result, "merge_latency", device)
+    write_result(result, "merge_latency", device, out=args.out)
+    print(f"took {result['duration_s']:.0f} s; load average at start {load_start[0]:.2f}, "
+          f"at end {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -1,52 +1,87 @@
 """Serving many LoRA adapters in one batch: the segmented, gathered and looped paths against
-one adapter at a time.
+PEFT's mixed batches and one adapter at a time, and a KV-cache decode loop on SmolLM2.
 
-Usage: python benchmarks/multi_adapter.py [--repeats N]
+Usage: python benchmarks/multi_adapter.py [--rounds N] [--decode-rounds N] [--quick]
+                                          [--skip-decode] [--out PATH]
 
-A batch of requests, each naming one of ``n`` adapters (8, 32 and 128), runs through the small
-GPT whose ``q`` and ``v`` projections carry the adapters
-(:class:`lora_edu.serving.MultiLoRALinear`). Adapter popularity is *uniform* (round-robin in a
-seeded random order: every adapter has requests) or *Zipf*-skewed (adapter j drawn with
-probability ∝ 1/(j+1)); the batch is sorted by adapter, as a server's scheduler arranges it.
-Two shapes: *prefill* (each request brings a prompt of T tokens) and *decode* (one new token
-per request). For each, timed round-robin in one run:
+Run it on an otherwise idle machine (the load average is recorded at the start and the end).
+``--quick`` shrinks every part to check that the script runs (about a minute); its figures
+mean nothing and it writes to ``/tmp`` unless ``--out`` says otherwise.
+
+**The batched layer on the small GPT.** A batch of requests, each naming one of ``n`` adapters
+(8, 32 and 128), runs through the small GPT whose ``q`` and ``v`` projections carry the
+adapters (:class:`lora_edu.serving.MultiLoRALinear`). Adapter popularity is *uniform*
+(round-robin in a seeded random order) or *Zipf*-skewed (adapter j drawn with probability ∝
+1/(j+1)); the batch is sorted by adapter, as a server's scheduler arranges it. Two shapes:
+*prefill* (a prompt of T tokens per request) and *decode* (one new token per request, no KV
+cache: the forward pass of one step). Arms, timed in rotating rounds:
 
 * ``base``: the model without adapters;
 * ``auto``, ``segmented`` (SGMV-like), ``gathered`` (BGMV-like), ``loop``: the batched layer's
   paths (``auto`` picks one by :func:`lora_edu.serving.choose_path`);
-* ``merged_one_at_a_time``, ``swapped_one_at_a_time``: the baseline a user would otherwise
-  pick (:class:`lora_edu.serving.OneAdapterAtATime`): for each adapter, merge it (or make it
-  the active unmerged adapter) and run its requests as their own batch. The baseline's figure
-  is the faster of the two.
+* ``peft_mixed``: PEFT with the same adapters, called with ``adapter_names`` (its
+  ``_mixed_batch_forward``: a masked sub-batch per adapter in every layer), the baseline a
+  PEFT user has;
+* ``merged_one_at_a_time``, ``swapped_one_at_a_time``: for each adapter, merge it (or make it
+  the only active unmerged adapter) and run its requests as their own batch
+  (:class:`lora_edu.serving.OneAdapterAtATime`). The faster (lower median time) is the
+  one-at-a-time baseline.
 
-Figures are forward-pass tokens per second from the fastest of the repeats (other processes
-can only add time, so the minimum estimates the cost itself); each ratio also comes with its
-range over the rounds (every round times all candidates back to back, so a round's ratio
-compares like with like). On a GPU the clock is elapsed time; on a CPU it is the CPU time of
-one thread running PyTorch single-threaded, which other processes sharing the machine do not
-inflate. Also: a layer-level sweep that sets ``SEGMENT_MIN_REQUESTS``, mixed ranks (the
-gathered path pads to r_max, the segmented one does not), and where adapters live (bytes per
-adapter, host-to-device transfer time at a stated PCIe bandwidth, and LRU cache loads under
-Zipf traffic). Writes ``benchmarks/results/multi_adapter-<device>.json``.
+**Decoding SmolLM2 with a KV cache.** ``requests`` prompts of one length, spread evenly over a
+few adapters on every linear layer of SmolLM2-135M (``lora_edu.pretrained.load_smollm2``),
+all arriving at time 0, are decoded greedily for ``new_tokens`` tokens with a KV cache
+(:func:`lora_edu.serving.serve_decode`) by four servers: the base model (no adapters, the
+floor); ``batched`` (one mixed batch through MultiLoRALinear); ``peft_mixed`` (one mixed batch
+through PEFT's ``adapter_names``); ``merged_one_at_a_time`` (each adapter merged in turn, its
+requests decoded to completion before the next adapter's start). Per request: time to first
+token (TTFT, waiting included), time per output token after the first (TPOT) and end-to-end
+latency; per server: their mean and p95 over the requests, and tokens per second.
+
+**Statistics** (``../shared/EVIDENCE.md`` §5). Each round runs every arm once, back to back, in
+a rotated order; a ratio is the median of the per-round ratios with its quartiles, and the 95 %
+interval of the geometric-mean ratio (paired over rounds; :func:`lora_edu.serving.round_ratio`).
+Every per-round figure is written too. On a GPU the clock is elapsed time; on a CPU it is the
+CPU time of the one thread PyTorch runs on (``time.thread_time``), so a figure measured on a
+CPU is a one-thread figure at the model's own (toy) width.
+
+Also: a layer-level sweep that sets ``SEGMENT_MIN_RANK_ROWS``, mixed ranks (the gathered path
+pads to r_max, the segmented one does not), and where adapters live (bytes per adapter,
+host-to-device time at a stated PCIe bandwidth, LRU loads under Zipf traffic for an all-linear
+adapter). Writes ``benchmarks/results/multi_adapter-<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import time
+from pathlib import Path
 
 import torch
+from _provenance import provenance, write_result  # benchmarks/ is on sys.path
 from torch import nn
 
 from lora_edu.models import GPT, gpt_config
 from lora_edu.report import show_table
 from lora_edu.repro import get_device, seed_all
-from lora_edu.serving import (SEGMENT_MIN_RANK_ROWS, MultiLoRALinear, OneAdapterAtATime,
-                              adapter_nbytes, choose_path, interleaved_timings, lru_loads,
-                              multi_lora_gpt, random_adapters, set_adapter_ids)
-
-from _provenance import provenance, write_result  # benchmarks/ is on sys.path
+from lora_edu.serving import (
+    SEGMENT_MIN_RANK_ROWS,
+    MultiLoRALinear,
+    OneAdapterAtATime,
+    adapter_nbytes,
+    choose_path,
+    interleaved_timings,
+    lru_loads,
+    multi_lora_gpt,
+    peft_mixed_batch_model,
+    random_adapters,
+    rotating_rounds,
+    round_ratio,
+    serve_decode,
+    set_adapter_ids,
+)
 
 ADAPTER_COUNTS = (8, 32, 128)
 POPULARITY = ("uniform", "zipf")
@@ -57,6 +92,15 @@ SETTINGS = {  # requests per batch, prompt tokens per request, model preset, LoR
     "cpu": {"requests": 128, "prefill_tokens": 16, "preset": "cpu", "r": 8},
     "cuda": {"requests": 256, "prefill_tokens": 128, "preset": "gpu", "r": 16},
 }
+#: The KV-cache decode on SmolLM2: requests (all at time 0), adapters (requests spread evenly),
+#: prompt and generated tokens per request, LoRA rank, and the adapted layers (all linear).
+DECODE = {
+    "cpu": {"requests": 16, "adapters": 4, "prompt_tokens": 32, "new_tokens": 16, "r": 8},
+    "cuda": {"requests": 64, "adapters": 8, "prompt_tokens": 128, "new_tokens": 64, "r": 16},
+}
+DECODE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUICK = {"adapter_counts": (8,), "requests": 16, "prefill_tokens": 4, "sweep_requests": 8,
+         "decode": {"requests": 4, "adapters": 2, "prompt_tokens": 4, "new_tokens": 3, "r": 4}}
 #: Where adapters live: layer shapes (d, k) of two real models, per transformer block.
 MODELS = {
     "SmolLM2-135M": {"layers": 30, "shapes": {"q": (576, 576), "k": (192, 576),
@@ -69,12 +113,13 @@ MODELS = {
                                             "down": (4096, 14336)}},
 }
 PCIE_GB_PER_S = 25.0  # host → device, a typical measured rate of PCIe 4.0 x16 (31.5 GB/s peak)
+#: The LRU simulation: one adapter = rank r on every linear layer ("all-linear") of the model.
 CACHE = {"adapters": 1000, "requests_per_step": 32, "steps": 2000, "slots": (32, 64, 128, 256),
-         "model": "Llama-3-8B", "r": 16, "targets": ("q", "k", "v", "o")}
+         "model": "Llama-3-8B", "r": 16, "targets": "all-linear"}
 
 
 def clock(device: torch.device) -> str:
-    """Elapsed time on a GPU; on a (possibly shared) CPU, one thread's CPU time."""
+    """Elapsed time on a GPU; on a CPU, the CPU time of the one thread PyTorch runs on."""
     return "wall" if device.type == "cuda" else "thread"
 
 
@@ -88,17 +133,16 @@ def adapter_ids(n: int, requests: int, popularity: str, gen: torch.Generator) ->
     return torch.sort(ids).values
 
 
-def ratio_range(num: list[float], den: list[float]) -> dict[str, float]:
-    """Per-round ratios den[i]/num[i] of times (so: a speed ratio): min, median, max."""
-    r = [d / n for n, d in zip(num, den)]
-    return {"min": round(min(r), 4), "median": round(statistics.median(r), 4),
-            "max": round(max(r), 4)}
+def speed(faster: str, slower: str, times: dict[str, list[float]]) -> dict:
+    """Speed ratio of arm ``faster`` over arm ``slower`` (= time of slower / time of faster),
+    from paired rounds."""
+    return round_ratio(times[slower], times[faster]).as_dict()
 
 
-def measure(device: torch.device, n_adapters: int, tokens: int, popularity: str, repeats: int,
-            ranks: int | tuple[int, ...] | None = None) -> dict:
-    """Tokens/s of every candidate for one adapter count, shape and popularity."""
-    cfg = SETTINGS[device.type if device.type in SETTINGS else "cpu"]
+def measure(device: torch.device, cfg: dict, n_adapters: int, tokens: int, popularity: str,
+            rounds: int, ranks: tuple[int, ...] | None = None) -> dict:
+    """Every arm on one adapter count, shape and popularity: median tokens/s, per-round times,
+    and the ratios the chapter reads."""
     seed_all(0)
     base = GPT(gpt_config(cfg["preset"])).to(device).eval()
     r = cfg["r"] if ranks is None else [ranks[i % len(ranks)] for i in range(n_adapters)]
@@ -107,6 +151,9 @@ def measure(device: torch.device, n_adapters: int, tokens: int, popularity: str,
     ids = adapter_ids(n_adapters, cfg["requests"], popularity, gen).to(device)
     idx = torch.randint(0, 256, (cfg["requests"], tokens), generator=gen).to(device)
     one = OneAdapterAtATime(base, model)
+    layer = next(m for m in model.modules() if isinstance(m, MultiLoRALinear))
+    peft_model = peft_mixed_batch_model(base, model) if ranks is None else None
+    names = [layer.names[j] for j in ids.tolist()]
 
     def path(mode: str):
         def call() -> None:
@@ -117,37 +164,38 @@ def measure(device: torch.device, n_adapters: int, tokens: int, popularity: str,
     calls = {"base": lambda: base(idx), **{m: path(m) for m in PATHS},
              "merged_one_at_a_time": lambda: one.merged(idx, ids),
              "swapped_one_at_a_time": lambda: one.swapped(idx, ids)}
+    if peft_model is not None:  # PEFT gives an adapter one rank: not in the mixed-rank run
+        calls["peft_mixed"] = lambda: peft_model(idx, adapter_names=names)
     with torch.inference_mode():
-        times = interleaved_timings(calls, repeats=repeats, warmup=2, clock=clock(device))
-    n_tok = idx.numel()
-    tps = {k: n_tok / min(v) for k, v in times.items()}
-    one_name = max(("merged_one_at_a_time", "swapped_one_at_a_time"), key=tps.get)
+        times = interleaved_timings(calls, repeats=rounds, warmup=2, clock=clock(device))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    one_name = min(("merged_one_at_a_time", "swapped_one_at_a_time"), key=median.get)
     present = int(torch.unique(ids).numel())
-    layer = next(m for m in model.modules() if isinstance(m, MultiLoRALinear))
-    padding = layer.padding_fraction(ids)
     r_max = max(layer.ranks[j] for j in torch.unique(ids).tolist())
-    out = {"adapters_in_batch": present,
-           "auto_path": choose_path(len(ids), present, r_max),
-           "padding_fraction_gathered": round(padding, 4),
-           **{f"{k}_tokens_per_s": round(v, 1) for k, v in tps.items()},
-           "one_at_a_time_baseline": one_name,
-           "batched_over_one_at_a_time_ratio": round(tps["auto"] / tps[one_name], 4),
-           "batched_over_one_at_a_time_per_round": ratio_range(times["auto"], times[one_name]),
-           "auto_over_loop_ratio": round(tps["auto"] / tps["loop"], 4),
-           "auto_over_loop_per_round": ratio_range(times["auto"], times["loop"]),
-           "segmented_over_gathered_ratio": round(tps["segmented"] / tps["gathered"], 4),
-           "base_over_auto_ratio": round(tps["base"] / tps["auto"], 4)}
-    return out
+    ratios = {"auto_over_one_at_a_time": speed("auto", one_name, times),
+              "auto_over_loop": speed("auto", "loop", times),
+              "segmented_over_gathered": speed("segmented", "gathered", times),
+              "base_over_auto": speed("base", "auto", times)}
+    if peft_model is not None:
+        ratios["auto_over_peft_mixed"] = speed("auto", "peft_mixed", times)
+        ratios["peft_mixed_over_one_at_a_time"] = speed("peft_mixed", one_name, times)
+    return {"adapters_in_batch": present,
+            "auto_path": choose_path(len(ids), present, r_max),
+            "padding_fraction_gathered": round(layer.padding_fraction(ids), 4),
+            "tokens": idx.numel(),
+            **{f"{k}_tokens_per_s": round(idx.numel() / v, 1) for k, v in median.items()},
+            "one_at_a_time_baseline": one_name,
+            "speed_ratios": ratios,
+            "times_s": {k: [round(t, 7) for t in v] for k, v in times.items()}}
 
 
-def layer_sweep(device: torch.device, repeats: int) -> dict:
+def layer_sweep(device: torch.device, cfg: dict, rounds: int) -> dict:
     """One MultiLoRALinear: gathered against segmented over the number of adapters in a batch,
     for two shapes and two ranks, and the threshold on rank rows per adapter present
     (requests · r_max / adapters present, where auto switches to segmented) with the smallest
-    worst-case slowdown against the faster path."""
-    cfg = SETTINGS[device.type if device.type in SETTINGS else "cpu"]
+    worst-case slowdown against the faster path (slowdowns from the median per-round ratio)."""
     d = gpt_config(cfg["preset"]).d_model
-    n_req = cfg["requests"]
+    n_req = cfg["sweep_requests"]
     gen = torch.Generator().manual_seed(0)
     rows = []
     ranks = (cfg["r"], 8 * cfg["r"])
@@ -166,23 +214,80 @@ def layer_sweep(device: torch.device, repeats: int) -> dict:
                 return call
             with torch.inference_mode():
                 t = interleaved_timings({m: run(m) for m in ("gathered", "segmented", "loop")},
-                                        repeats=repeats, warmup=2, clock=clock(device))
+                                        repeats=rounds, warmup=2, clock=clock(device))
+            seg = round_ratio(t["segmented"], t["gathered"])
             rows.append({"tokens": tokens, "r": r, "adapters": n,
                          "requests_per_adapter": n_req // n,
                          "rank_rows_per_adapter": n_req * r // n,
-                         **{f"{m}_us": round(1e6 * min(v), 1) for m, v in t.items()}})
+                         **{f"{m}_us": round(1e6 * statistics.median(v), 2)
+                            for m, v in t.items()},
+                         "segmented_over_gathered_time": seg.as_dict()})
     regret = {}
     for m in [2 ** i for i in range((n_req * max(ranks)).bit_length())]:
         worst = 0.0
         for row in rows:
-            pick = "segmented" if row["rank_rows_per_adapter"] >= m else "gathered"
-            best = min(row["gathered_us"], row["segmented_us"])
-            worst = max(worst, row[f"{pick}_us"] / best - 1)
+            ratio = row["segmented_over_gathered_time"]["median"]  # time seg / time gath
+            picked = ratio if row["rank_rows_per_adapter"] >= m else 1 / ratio
+            worst = max(worst, picked - 1)  # picked / faster − 1, or 0 if it is the faster
         regret[m] = round(worst, 4)
     best_m = min(regret, key=lambda m: (regret[m], m))
     return {"d": d, "k": d, "ranks": ranks, "requests": n_req, "rows": rows,
             "worst_slowdown_by_threshold": regret, "best_threshold": best_m,
-            "statistic": "microseconds per layer call, fastest of the interleaved repeats"}
+            "statistic": "median over paired rounds of the per-round time ratio "
+                         "segmented/gathered; *_us: median microseconds per layer call"}
+
+
+def decode_latency(device: torch.device, dcfg: dict, rounds: int) -> dict:
+    """Greedy decoding with a KV cache on SmolLM2, four servers in rotating rounds."""
+    from lora_edu.pretrained import load_smollm2
+
+    seed_all(0)
+    base, _ = load_smollm2(device=device)
+    n, a = dcfg["requests"], dcfg["adapters"]
+    multi = multi_lora_gpt(copy.deepcopy(base), a, r=dcfg["r"], targets=DECODE_TARGETS)
+    peft_model = peft_mixed_batch_model(base, multi)
+    one = OneAdapterAtATime(base, multi)
+    names = next(m for m in multi.modules() if isinstance(m, MultiLoRALinear)).names
+    ids = (torch.arange(n) % a).sort().values.to(device)            # evenly, sorted
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, base.config.vocab_size, (n, dcfg["prompt_tokens"]),
+                        generator=gen).to(device)
+    G, clk, every = dcfg["new_tokens"], clock(device), torch.arange(n, device=device)
+    groups = [(torch.nonzero(ids == j).squeeze(1), lambda j=j: one.merge_adapter(j))
+              for j in range(a)]
+    arms = {
+        "base": lambda: serve_decode([(every, lambda: None)], base, idx, G, clk),
+        "batched": lambda: serve_decode([(every, lambda: set_adapter_ids(multi, ids))],
+                                        multi, idx, G, clk),
+        "peft_mixed": lambda: serve_decode(
+            [(every, lambda: {"adapter_names": [names[j] for j in ids.tolist()]})],
+            peft_model, idx, G, clk),
+        "merged_one_at_a_time": lambda: serve_decode(groups, one.base, idx, G, clk),
+    }
+    with torch.inference_mode():
+        results = rotating_rounds(arms, rounds=rounds, warmup=1)
+    metrics = ("ttft_mean", "ttft_p95", "tpot_mean", "tpot_p95", "e2e_mean", "e2e_p95",
+               "tokens_per_s")
+    per_round = {arm: {m: [round(r.summary()[m], 6) for r in res] for m in metrics}
+                 for arm, res in results.items()}
+    ref = results["batched"][0].tokens
+    agree = {arm: round(float((res[0].tokens == ref).float().mean()), 4)
+             for arm, res in results.items() if arm != "base"}
+    ratios = {}
+    for arm in ("base", "peft_mixed", "merged_one_at_a_time"):
+        ratios[arm] = {m: round_ratio(per_round[arm][m], per_round["batched"][m]).as_dict()
+                       for m in metrics}
+    return {"settings": {**dcfg, "targets": list(DECODE_TARGETS), "clock": clk,
+                         "adapter_names": list(names), "arrivals": "all requests at time 0",
+                         "one_at_a_time": "each adapter's requests decoded to completion "
+                                          "before the next adapter's start"},
+            "median": {arm: {m: statistics.median(v) for m, v in d.items()}
+                       for arm, d in per_round.items()},
+            "ratio_to_batched": ratios,
+            "per_round": per_round,
+            "tokens_agree_with_batched": agree,
+            "statistic": "per round: mean and p95 over the requests; across rounds: median, "
+                         "and round_ratio of each arm to 'batched' (>1: larger than batched)"}
 
 
 def where_adapters_live() -> dict:
@@ -204,7 +309,8 @@ def where_adapters_live() -> dict:
     draws = torch.multinomial(p, CACHE["steps"] * CACHE["requests_per_step"], replacement=True,
                               generator=gen).view(CACHE["steps"], -1).tolist()
     m = MODELS[CACHE["model"]]
-    per_adapter = adapter_nbytes([m["shapes"][t] for t in CACHE["targets"]] * m["layers"],
+    targets = list(m["shapes"]) if CACHE["targets"] == "all-linear" else CACHE["targets"]
+    per_adapter = adapter_nbytes([m["shapes"][t] for t in targets] * m["layers"],
                                  CACHE["r"], bytes_per_number=2)
     cache = {}
     for slots in CACHE["slots"]:
@@ -216,8 +322,11 @@ def where_adapters_live() -> dict:
                                  1e3 * mean * per_adapter / 1e9 / PCIE_GB_PER_S, 4),
                              "device_bytes": slots * per_adapter}
     distinct = [len(set(s)) for s in draws]
+    size_key = f"{CACHE['model']}_{CACHE['targets']}_r{CACHE['r']}"
+    assert sizes[size_key]["bytes_fp16"] == per_adapter  # the table and the cache agree
     return {"pcie_gb_per_s": PCIE_GB_PER_S, "models": MODELS, "sizes": sizes,
             "cache": {**{k: v for k, v in CACHE.items() if k != "slots"},
+                      "size_key": size_key, "target_modules": targets,
                       "zipf_exponent": ZIPF_EXPONENT, "bytes_per_adapter": per_adapter,
                       "mean_distinct_adapters_per_step": round(sum(distinct) / len(distinct),
                                                                2),
@@ -226,53 +335,94 @@ def where_adapters_live() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="paired rounds per configuration of the small GPT (default 15)")
+    parser.add_argument("--decode-rounds", type=int, default=10,
+                        help="paired rounds of the SmolLM2 decode (default 10)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings, to check that the script runs (figures meaningless)")
+    parser.add_argument("--skip-decode", action="store_true", help="leave out the SmolLM2 part")
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: "
+                        "benchmarks/results/multi_adapter-<device>.json; /tmp with --quick)")
     args = parser.parse_args()
     device = get_device()
     if device.type == "cpu":
         torch.set_num_threads(1)
-    cfg = SETTINGS[device.type if device.type in SETTINGS else "cpu"]
+    load_start, t_start = os.getloadavg(), time.time()
+    key = "cuda" if device.type == "cuda" else "cpu"
+    cfg = {**SETTINGS[key], "sweep_requests": SETTINGS[key]["requests"]}
+    dcfg, counts = dict(DECODE[key]), ADAPTER_COUNTS
+    if args.quick:
+        cfg.update({k: QUICK[k] for k in ("requests", "prefill_tokens", "sweep_requests")})
+        dcfg, counts = dict(QUICK["decode"]), QUICK["adapter_counts"]
+        args.rounds, args.decode_rounds = 2, 2
     shapes = {"prefill": cfg["prefill_tokens"], "decode": 1}
-    sweep = layer_sweep(device, max(args.repeats, 15))
+    sweep = layer_sweep(device, cfg, max(args.rounds, 15) if not args.quick else 2)
     print(f"layer sweep: best threshold = {sweep['best_threshold']} rank rows per adapter "
           f"(the package uses {SEGMENT_MIN_RANK_ROWS})")
     figures: dict[str, dict] = {}
     rows = []
     for popularity in POPULARITY:
         for shape, tokens in shapes.items():
-            for n in ADAPTER_COUNTS:
-                f = measure(device, n, tokens, popularity, args.repeats)
-                key = f"{shape}_{n}_adapters" + ("" if popularity == "uniform" else "_zipf")
-                figures[key] = f
+            for n in counts:
+                f = measure(device, cfg, n, tokens, popularity, args.rounds)
+                key_ = f"{shape}_{n}_adapters" + ("" if popularity == "uniform" else "_zipf")
+                figures[key_] = f
+                s = f["speed_ratios"]
                 rows.append((popularity, shape, n, f["adapters_in_batch"], f["auto_path"],
-                             f["auto_over_loop_ratio"], f["segmented_over_gathered_ratio"],
-                             f["batched_over_one_at_a_time_ratio"]))
+                             s["auto_over_loop"]["median"],
+                             s["auto_over_peft_mixed"]["median"],
+                             s["auto_over_one_at_a_time"]["median"]))
     for shape, tokens in shapes.items():
-        f = measure(device, 32, tokens, "uniform", args.repeats, ranks=MIXED_RANKS)
-        figures[f"{shape}_32_adapters_mixed_ranks"] = f
-        rows.append(("uniform, mixed r", shape, 32, f["adapters_in_batch"], f["auto_path"],
-                     f["auto_over_loop_ratio"], f["segmented_over_gathered_ratio"],
-                     f["batched_over_one_at_a_time_ratio"]))
+        n = 32 if not args.quick else counts[0]
+        f = measure(device, cfg, n, tokens, "uniform", args.rounds, ranks=MIXED_RANKS)
+        figures[f"{shape}_{n}_adapters_mixed_ranks"] = f
+        s = f["speed_ratios"]
+        rows.append(("uniform, mixed r", shape, n, f["adapters_in_batch"], f["auto_path"],
+                     s["auto_over_loop"]["median"], float("nan"),
+                     s["auto_over_one_at_a_time"]["median"]))
     show_table(rows, ["popularity", "shape", "adapters", "in batch", "auto picks",
-                      "auto/loop", "segm./gath.", "batched/one-at-a-time"],
-               title=f"{cfg['requests']} requests per batch on {device.type}, "
-                     f"{cfg['preset']} GPT, r={cfg['r']} on q and v", numeric_format="{:,.3g}")
+                      "auto/loop", "auto/PEFT", "auto/one-at-a-time"],
+               title=f"Speed ratios (median of paired rounds), {cfg['requests']} requests on "
+                     f"{device.type}, {cfg['preset']} GPT, r={cfg['r']} on q and v",
+               numeric_format="{:,.3g}")
+    decode = None
+    if not args.skip_decode:
+        decode = decode_latency(device, dcfg, args.decode_rounds)
+        med = decode["median"]
+        show_table([(arm, m["ttft_mean"] * 1e3, m["ttft_p95"] * 1e3, m["tpot_mean"] * 1e3,
+                     m["e2e_p95"] * 1e3, m["tokens_per_s"]) for arm, m in med.items()],
+                   ["server", "TTFT mean ms", "TTFT p95 ms", "TPOT ms", "e2e p95 ms",
+                    "tokens/s"],
+                   title=f"SmolLM2 KV-cache decode, {dcfg['requests']} requests, "
+                         f"{dcfg['adapters']} adapters (median of {args.decode_rounds} rounds)",
+                   numeric_format="{:,.4g}")
     result = {
         **provenance("multi_adapter", device),
-        "settings": {**cfg, "shapes_tokens_per_request": shapes, "repeats": args.repeats,
+        "load_average_1_5_15min": {"start": [round(v, 2) for v in load_start],
+                                   "end": [round(v, 2) for v in os.getloadavg()]},
+        "duration_s": None,
+        "settings": {**cfg, "shapes_tokens_per_request": shapes, "rounds": args.rounds,
+                     "decode_rounds": args.decode_rounds, "quick": args.quick,
                      "popularity": {"uniform": "round-robin over a seeded random order",
                                     "zipf": f"p(j) ∝ 1/(j+1)^{ZIPF_EXPONENT}"},
                      "mixed_ranks": MIXED_RANKS, "segment_min_rank_rows": SEGMENT_MIN_RANK_ROWS,
                      "batch_order": "sorted by adapter",
-                     "statistic": "tokens/s of a forward pass from the fastest of the "
-                                  "interleaved repeats; *_per_round: the ratio in each round",
+                     "statistic": "tokens/s from the median time over paired rounds; "
+                                  "speed_ratios: median of per-round ratios, quartiles, 95 % CI "
+                                  "of the geometric mean (lora_edu.serving.round_ratio)",
                      "clock": clock(device) + (" (time.thread_time, torch on 1 thread)"
                                                if clock(device) == "thread" else "")},
         "figures": figures,
         "layer_sweep": sweep,
+        "decode_kv_cache": decode,
         "where_adapters_live": where_adapters_live(),
     }
-    write_result(result, "multi_adapter", device)
+    result["duration_s"] = round(time.time() - t_start, 1)
+    out = args.out or (Path("/tmp/multi_adapter-quick.json") if args.quick else None)
+    write_result(result, "multi_adapter", device, out=out)
+    print(f"took {result['duration_s']:.0f} s; load average at start {load_start[0]:.2f}, "
+          f"at end {os.getloadavg()[0]:.2f}")
     return 0
 
 
