@@ -201,7 +201,7 @@ def multi_adapter_batching() -> str:
         out = []
         for a in range(3):
             out += [rect(x, y + 44 * a, 144, 34, ADAPTER[a]),
-                    text(x + 72, y + 44 * a + 23, f"adapter {a}: B_{{{a}}}A_{{{a}}}", "t")]
+                    text(x + 72, y + 44 * a + 23, f"adapter {a}: A_{{{a}}}, B_{{{a}}}", "t")]
         return out
 
     def row(x, y, i, a, label=None):
@@ -242,20 +242,23 @@ def multi_adapter_batching() -> str:
               text(284, (mid + ay2 + 44 * a + 17) / 2 - 8, f"{n} row{'s' if n > 1 else ''}", "s")]
         start += n
     b += adapters(396, ay2)
-    b += [text(20, ry2 + 32 * 6 + 20, "Segment offsets [0, 2, 3, 6]: one dense B A product "
-               "per segment.", "s", anchor="start"),
-          text(20, ry2 + 32 * 6 + 40, "Suits prefill, many tokens per request (SGMV).", "s",
+    b += [text(20, ry2 + 32 * 6 + 20, "Segment offsets [0, 2, 3, 6]. Per segment: shrink "
+               "X_{seg} A^{⊤} to rank r,", "s", anchor="start"),
+          text(20, ry2 + 32 * 6 + 40, "then expand by B^{⊤}: two thin products, never the "
+               "d × k matrix B A.", "s", anchor="start"),
+          text(20, ry2 + 32 * 6 + 60, "Suits prefill, many tokens per request (SGMV).", "s",
                anchor="start"),
-          text(20, ry2 + 32 * 6 + 66, "In both, the shared base W_{0} x runs once for the "
+          text(20, ry2 + 32 * 6 + 86, "In both, the shared base W_{0} x runs once for the "
                "whole batch.", "s", anchor="start")]
-    return svg("multi-adapter", 560, ry2 + 32 * 6 + 84, "Many adapters in one batch",
+    return svg("multi-adapter", 560, ry2 + 32 * 6 + 104, "Many adapters in one batch",
                "A batch of six rows whose requests use adapters 2, 0, 2, 1, 0, 2. Gathered "
                "(BGMV): the rows stay in order and one kernel lets each row fetch its own "
                "adapter's B and A, so the lines from rows to adapters cross. Segmented (SGMV): "
                "the rows are sorted by adapter into contiguous segments (two rows of adapter 0, "
-               "one of adapter 1, three of adapter 2), and each segment is multiplied by its "
-               "adapter in one dense matrix product. In both, the shared base W0 x is computed "
-               "once for the whole batch.", b)
+               "one of adapter 1, three of adapter 2), and each segment is multiplied first by "
+               "its adapter's A transposed (shrink, down to rank r) and then by its B transposed "
+               "(expand): two thin products, never the d by k matrix B A. In both, the shared "
+               "base W0 x is computed once for the whole batch.", b)
 
 
 def qlora_dataflow() -> str:
