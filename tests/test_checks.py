@@ -432,3 +432,57 @@ def test_merge_unmerge_refuses_a_non_callable_unmerge():
     merge = lambda W0, A, B, a, r: W0 + (a / r) * B @ A  # noqa: E731
     with pytest.raises(TypeError, match="pass your function itself"):
         check_merge_unmerge(merge, torch.zeros(1), verbose=False)
+
+
+# ----------------------------------------------------------------- factor gradients, Wilson
+
+def _grads(B, A, W, sign=1.0, factor=1.0, swap=False):
+    E = sign * (B @ A - W)
+    dB, dA = factor * E @ A.T, factor * B.T @ E
+    return (dA, dB) if swap else (dB, dA)
+
+
+def test_factor_gradients_accepts_the_right_answer():
+    from lora_edu.checks import check_factor_gradients
+    assert _quiet(check_factor_gradients, _grads)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [({"sign": -1.0}, "sign is flipped"),
+                                            ({"factor": 2.0}, "factor 2"),
+                                            ({"swap": True}, "swapped")])
+def test_factor_gradients_names_the_mistake(kwargs, phrase):
+    from lora_edu.checks import check_factor_gradients
+    result = _quiet(check_factor_gradients, lambda B, A, W: _grads(B, A, W, **kwargs))
+    assert not result and phrase in result.message, result.message
+
+
+def test_factor_gradients_reports_a_wrong_shape():
+    from lora_edu.checks import check_factor_gradients
+    result = _quiet(check_factor_gradients, lambda B, A, W: ((B @ A - W).T @ B, B.T @ (B @ A - W)))
+    assert not result and "shape" in result.message, result.message
+
+
+def _wilson(k, n, z=1.959963984540054, wald=False):
+    p = k / n
+    if wald:
+        h = z * (p * (1 - p) / n) ** 0.5
+        return p - h, p + h
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_wilson_interval_accepts_the_formula():
+    from lora_edu.checks import check_wilson_interval
+    assert _quiet(check_wilson_interval, _wilson)
+
+
+@pytest.mark.parametrize("fn, phrase", [(lambda k, n: _wilson(k, n, wald=True), "Wald"),
+                                        (lambda k, n: _wilson(k, n, z=1.6448536269514722),
+                                         "90 %"),
+                                        (lambda k, n: _wilson(k, n)[::-1], "swapped"),
+                                        (lambda k, n: k / n, "pair")])
+def test_wilson_interval_names_the_mistake(fn, phrase):
+    from lora_edu.checks import check_wilson_interval
+    result = _quiet(check_wilson_interval, fn)
+    assert not result and phrase in result.message, result.message

@@ -23,6 +23,7 @@ checker                            the student writes                           
 =================================  ==============================================  =======
 :func:`check_rank`                 ``fn(W) -> int``                                1
 :func:`check_low_rank_approx`      ``fn(W, r) -> W_r``                             2
+:func:`check_factor_gradients`     ``fn(B, A, W) -> (dL/dB, dL/dA)``               3
 :func:`check_lora_forward`         ``fn(x, W0, b, A, B, alpha, r) -> h``           6
 :func:`check_merge_unmerge`        ``merge(W0, A, B, alpha, r) -> W`` (+ inverse)  11
 :func:`check_subspace_similarity`  ``fn(A1, A2, i, j) -> φ``                       9
@@ -30,6 +31,7 @@ checker                            the student writes                           
 :func:`check_nf4_quantize`         ``fn(W, block_size) -> Ŵ``                      13
 :func:`check_pissa_init`           ``fn(W, r, scaling) -> (A, B, W_res)``          14
 :func:`check_dora_forward`         ``fn(x, W0, b, A, B, m, alpha, r) -> h``        14
+:func:`check_wilson_interval`      ``fn(k, n) -> (low, high)``                     15
 =================================  ==============================================  =======
 """
 
@@ -50,7 +52,8 @@ from lora_edu.variants import DoRALinear, pissa_factors
 
 __all__ = ["CheckResult", "check_rank", "check_low_rank_approx", "check_lora_forward",
            "check_merge_unmerge", "check_nf4_quantize", "check_subspace_similarity",
-           "check_dora_forward", "check_pissa_init", "check_multi_lora_forward"]
+           "check_dora_forward", "check_pissa_init", "check_multi_lora_forward",
+           "check_factor_gradients", "check_wilson_interval"]
 
 
 @dataclass
@@ -801,4 +804,108 @@ def check_multi_lora_forward(student_forward: Callable[..., Tensor], *,
         why = _first_match(got, candidates) or \
             f"max |difference| = {(got - expected).abs().max().item():.3g}"
         return finish(f"with {label}: {why}")
+    return finish(None)
+
+
+# --------------------------------------------------------------------------- factor gradients
+
+def check_factor_gradients(student_grads: Callable[[Tensor, Tensor, Tensor],
+                                                   tuple[Tensor, Tensor]], *,
+                           raise_on_failure: bool = False, verbose: bool = True) -> CheckResult:
+    """Check ``student_grads(B, A, W) -> (dB, dA)``, the gradients of L = ½‖B A − W‖²_F.
+
+    ``B`` is (d, r), ``A`` (r, k), ``W`` (d, k); with E = B A − W the answer is
+    dL/dB = E Aᵀ (d, r) and dL/dA = Bᵀ E (r, k). The reference is autograd's.
+    """
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 2, 7), (4, 3, 4), (6, 1, 3)]
+    finish = _reporter("gradients of ½‖BA − W‖²", len(shapes), raise_on_failure, verbose,
+                       student_grads)
+    for d, r, k in shapes:
+        B = torch.randn(d, r, generator=gen, dtype=torch.float64, requires_grad=True)
+        A = torch.randn(r, k, generator=gen, dtype=torch.float64, requires_grad=True)
+        W = torch.randn(d, k, generator=gen, dtype=torch.float64)
+        (0.5 * (B @ A - W).square().sum()).backward()
+        dB, dA = B.grad, A.grad
+        label = f"d={d}, r={r}, k={k}"
+        value, error = _call(student_grads, B.detach().clone(), A.detach().clone(), W.clone())
+        if error is None and (not isinstance(value, (tuple, list)) or len(value) != 2):
+            error = "return a pair (dB, dA)"
+        if error:
+            return finish(f"with {label}: {error}")
+        try:
+            got_B, got_A = (torch.as_tensor(v).detach().to(torch.float64) for v in value)
+        except Exception:
+            return finish(f"with {label}: dB and dA should be tensors")
+        if _close(got_B, dB) and _close(got_A, dA):
+            continue
+        mistakes = {
+            "the sign is flipped: E = B A − W, not W − B A": (-dB, -dA),
+            "a factor 2: the loss has a ½, so its gradient has none": (2 * dB, 2 * dA),
+            "dB and dA are swapped: return (dL/dB, dL/dA)": (dA, dB),
+        }
+        why = next((m for m, (wb, wa) in mistakes.items()
+                    if got_B.shape == wb.shape and got_A.shape == wa.shape
+                    and _close(got_B, wb) and _close(got_A, wa)), None)
+        if why is None:
+            for what, got, want in (("dB", got_B, dB), ("dA", got_A, dA)):
+                if got.shape != want.shape:
+                    why = (f"{what} has shape {tuple(got.shape)}, expected "
+                           f"{tuple(want.shape)}: a gradient has the shape of its factor")
+                    break
+                if not _close(got, want):
+                    why = (f"{what} is off by max |difference| = "
+                           f"{(got - want).abs().max().item():.3g}; with E = B A − W, "
+                           f"dL/dB = E Aᵀ and dL/dA = Bᵀ E")
+                    break
+        return finish(f"with {label}: {why}")
+    return finish(None)
+
+
+# --------------------------------------------------------------------------- Wilson interval
+
+def check_wilson_interval(student_interval: Callable[[int, int], tuple[float, float]], *,
+                          raise_on_failure: bool = False, verbose: bool = True) -> CheckResult:
+    """Check ``student_interval(k, n) -> (low, high)``, the 95 % Wilson score interval of a
+    proportion k/n (the reference is :func:`lora_edu.stats.proportion_interval`).
+
+    With p = k/n and z = 1.95996…: centre (p + z²/2n) / (1 + z²/n), half-width
+    z √(p(1−p)/n + z²/4n²) / (1 + z²/n).
+    """
+    from statistics import NormalDist
+
+    from lora_edu.stats import proportion_interval
+
+    cases = [(45, 48), (12, 48), (48, 48), (0, 20), (7, 10), (500, 1000)]
+    finish = _reporter("Wilson interval", len(cases), raise_on_failure, verbose,
+                       student_interval)
+    z = NormalDist().inv_cdf(0.975)
+    for k, n in cases:
+        ref = proportion_interval(k, n)
+        value, error = _call(student_interval, k, n)
+        if error is None:
+            try:
+                low, high = (float(v) for v in value)  # type: ignore[union-attr]
+            except Exception:
+                error = f"return a pair (low, high) of numbers, got {value!r}"
+        if error:
+            return finish(f"with k={k}, n={n}: {error}")
+        if abs(low - ref.low) < 1e-6 and abs(high - ref.high) < 1e-6:
+            continue
+        p = k / n
+        wald = z * (p * (1 - p) / n) ** 0.5
+        z90 = NormalDist().inv_cdf(0.95)
+        centre90 = (p + z90 ** 2 / (2 * n)) / (1 + z90 ** 2 / n)
+        half90 = z90 * (p * (1 - p) / n + z90 ** 2 / (4 * n * n)) ** 0.5 / (1 + z90 ** 2 / n)
+        mistakes = {
+            "that is the Wald interval p ± z√(p(1−p)/n); Wilson's is centred at "
+            "(p + z²/2n)/(1 + z²/n) and never leaves [0, 1]": (p - wald, p + wald),
+            "that is a 90 % interval (z = 1.645); use z = 1.960 for 95 %":
+                (centre90 - half90, centre90 + half90),
+            "low and high are swapped": (ref.high, ref.low),
+        }
+        why = next((m for m, (a, b) in mistakes.items()
+                    if abs(low - a) < 1e-6 and abs(high - b) < 1e-6),
+                   f"expected ({ref.low:.4f}, {ref.high:.4f}), got ({low:.4f}, {high:.4f})")
+        return finish(f"with k={k}, n={n}: {why}")
     return finish(None)
