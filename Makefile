@@ -8,7 +8,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BUILD  := _build
 
-.PHONY: setup model book book-cached test notebooks site-check checkpoint benchmarks clean
+.PHONY: setup model book book-cached test notebooks site-check checkpoint benchmarks clean \
+        assignments grade-check wheel-check
 
 setup: $(STAMP)
 
@@ -44,6 +45,28 @@ test: $(STAMP) model
 # Regenerate notebooks/*.ipynb (for Colab) from book/*.md.
 notebooks: $(STAMP)
 	$(PY) scripts/make_notebooks.py
+
+# Graded assignments for a course (otter-grader), from assignments/NN_*.md: student notebooks
+# without solutions, autograder zips and reference solutions in _build/assignments/.
+assignments: $(STAMP)
+	$(PY) scripts/assignments.py build
+
+# Grade every reference solution (full marks expected) and every unchanged student notebook
+# (zero expected) with `otter run`, as a class's submissions would be graded (no Docker).
+grade-check: assignments
+	$(PY) scripts/assignments.py grade-check
+
+# The package as a course installs it: a wheel (python -m build), installed with its declared
+# dependencies (at the pinned versions, from pip's cache) in a clean venv, imported and
+# smoke-tested from outside the repository.
+WHEEL_DIR := $(BUILD)/wheel
+wheel-check: $(STAMP)
+	rm -rf $(WHEEL_DIR)
+	$(PY) -m build --wheel --outdir $(WHEEL_DIR) . > $(WHEEL_DIR).log 2>&1 || (cat $(WHEEL_DIR).log; exit 1)
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	grep -v '^-e' requirements.txt > $(WHEEL_DIR)/constraints.txt
+	$(WHEEL_DIR)/venv/bin/pip install --quiet -c $(WHEEL_DIR)/constraints.txt $(WHEEL_DIR)/lora_edu-*.whl
+	cd $(WHEEL_DIR) && venv/bin/python $(CURDIR)/scripts/wheel_smoke.py
 
 # Screenshots of every built page in headless Chromium, plus the checks on them.
 site-check: $(STAMP)
