@@ -25,8 +25,25 @@ Each module is named after the idea it teaches:
 
 Modules are imported on demand (``from lora_edu.lora import LoRALinear``) so that
 ``import lora_edu`` stays cheap.
+
+**The stable API** is :data:`STABLE_API`: those names keep their names, arguments and behaviour
+within a major version (``tests/test_stable_api.py`` imports exactly them); everything else may
+change between minor versions. A course pins a version (``__version__``; see CHANGELOG.md).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["__version__"]
+#: The public API a course can rely on, by module (the contract of the book's design).
+STABLE_API: dict[str, tuple[str, ...]] = {
+    "lora_edu.lora": ("LoraConfig", "LoRALinear", "inject_lora", "mark_only_lora_as_trainable",
+                      "merge_lora", "unmerge_lora", "count_parameters"),
+    "lora_edu.adapters": ("save_adapter", "load_adapter", "save_peft_adapter",
+                          "load_peft_adapter"),
+    "lora_edu.repro": ("seed_all",),
+    "lora_edu.linalg": ("numerical_rank", "low_rank_approx"),
+    "lora_edu.intrinsic": ("subspace_similarity",),
+    "lora_edu.stats": ("paired_difference", "independent_difference", "proportion_interval"),
+    "lora_edu.quant": ("nf4_codebook", "quantize_nf4"),
+}
+
+__all__ = ["__version__", "STABLE_API"]
