@@ -34,9 +34,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["Difference", "Interval", "paired_difference", "independent_difference",
-           "proportion_interval", "mean_interval", "pareto_set", "mean_sd",
-           "separated", "compare"]
+__all__ = [
+    "Difference",
+    "Interval",
+    "compare",
+    "independent_difference",
+    "mean_interval",
+    "mean_sd",
+    "paired_difference",
+    "pareto_set",
+    "proportion_interval",
+    "separated",
+]
 
 _METHODS = ("t", "bootstrap", "hierarchical")
 
