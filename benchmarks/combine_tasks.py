@@ -16,11 +16,35 @@ torch version, date, the settings, and each adapter's teacher-forced scores on b
 ``--from-log`` trains nothing: it writes the JSON from the printed log of a training run that
 was stopped before its end (the adapters it finished are saved already), with every score and
 loss line of that log, and says so in the file.
+
+``--evaluate`` trains nothing either: it combines the committed adapters and scores the
+combinations, as chapter 12 reports them (``benchmarks/results/combine_tasks-eval-<device>.json``):
+
+* two designs: **independent** pairs (``reverse-s{i}`` with ``shift-s{i+1}``: different seeds,
+  so different initial A) and the **shared**-start control (``reverse-s{i}`` with
+  ``shift-s{i}``: one seed, one initial A for both tasks);
+* every combination type of :data:`METHODS` gets its overall scale λ (``W0 + λ ΔW``) chosen on
+  a **validation** split with the **selection seeds** 0–2 (the grid :data:`LAMBDAS`, extended
+  while the best is at its edge), by mean per-token accuracy over both tasks;
+* at that λ it is scored on a **test** split with the fresh **report seeds** 3–5, per prompt
+  (answer tokens right, so exact match and per-token accuracy), beside each adapter alone and
+  the base model. Validation and test prompts are disjoint from every adapter's training data.
+
+    python benchmarks/combine_tasks.py --seeds 3 4 5 --result \
+        benchmarks/results/combine_tasks-seed3-5-cpu.json      # the fresh report adapters
+    python benchmarks/combine_tasks.py --evaluate --lock /tmp/lora_cpu.lock   # the evaluation
+    python benchmarks/combine_tasks.py --evaluate --n-val 8 --n-test 8 --methods cat ties \
+        --lambdas 1 2 --result /tmp/x.json                      # a quick try
+
+``--lock PATH`` holds an exclusive ``flock`` on PATH while each configuration is scored and
+releases it between them (a machine shared with other heavy jobs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import subprocess
 import sys
 import time
@@ -33,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance, write_result  # noqa: E402
 
 from lora_edu.adapters import PEFT_WEIGHTS_NAME, save_peft_adapter  # noqa: E402
+from lora_edu.combine import (SVD_TYPES, answer_items, combine_named_adapters,  # noqa: E402
+                              merged, read_adapter)
 from lora_edu.letter_tasks import (TASKS, answer_loss, make_examples, encode_task,  # noqa: E402
                                    teacher_forced_scores)
 from lora_edu.lora import LoraConfig, inject_lora, lora_layers  # noqa: E402
@@ -43,6 +69,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "src" / "lora_edu" / "assets" / "combine"
 #: The evaluation sets (the chapter draws the same ones): seed and size per task.
 EVAL_SEED, EVAL_N = 1000, 128
+#: --evaluate: λ is chosen with the selection seeds, reported with the fresh report seeds.
+SELECT_SEEDS, REPORT_SEEDS = (0, 1, 2), (3, 4, 5)
+DESIGNS = ("independent", "shared")
+#: The combination types compared: task arithmetic exact (cat) and re-compressed (svd), PEFT's
+#: factor-wise linear and ties, and TIES / DARE on the full updates.
+METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear_svd", "dare_ties_svd")
+#: The λ grid every type starts from (a factor √2 apart), extended while the best is at an edge.
+LAMBDAS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
+DENSITY, SVD_RANK = 0.5, 8
+#: Every answer of the letter tasks is 5 tokens (5 letters, one token each).
+ANSWER_TOKENS = 5
+VAL_SEED, TEST_SEED = 2000, 3000
 
 
 def git_commit() -> str:
@@ -106,9 +144,22 @@ def main() -> int:
                         help="write the JSON from a stopped training run's printed log")
     parser.add_argument("--train-commit", default=None,
                         help="with --from-log: the git commit the training run ran at")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="combine the committed adapters and score them (no training)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
+    parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
+    parser.add_argument("--n-val", type=int, default=128, help="validation prompts per task")
+    parser.add_argument("--n-test", type=int, default=512, help="test prompts per task")
+    parser.add_argument("--adapters", type=Path, default=ASSETS,
+                        help="with --evaluate: the directory of the adapters to combine")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="flock this file while each configuration is scored")
     args = parser.parse_args()
     if args.from_log:
         return record_from_log(args)
+    if args.evaluate:
+        return evaluate(args)
     torch.set_num_threads(1 if get_device().type == "cpu" else torch.get_num_threads())
     device = get_device()
     commit = git_commit()
@@ -170,6 +221,184 @@ def record_from_log(args: argparse.Namespace) -> int:
                       "printed log by the command below, and `date` is when it was written",
               "train_log": lines}
     write_result(result, "combine_tasks", device, out=args.result)
+    return 0
+
+
+# --------------------------------------------------------------------------- --evaluate
+
+def pairs(design: str, seeds: tuple[int, ...]) -> list[tuple[str, str]]:
+    """The (reverse, shift) adapter pairs of a design: ``shared`` pairs one seed's two adapters
+    (one initial A), ``independent`` pairs seed i's reverse with seed i+1's shift."""
+    if design == "shared":
+        return [(f"reverse-s{s}", f"shift-s{s}") for s in seeds]
+    return [(f"reverse-s{seeds[i]}", f"shift-s{seeds[(i + 1) % len(seeds)]}")
+            for i in range(len(seeds))]
+
+
+def heldout_examples(n_val: int, n_test: int, steps: int = 40, batch_size: int = 16
+                     ) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """Validation and test prompts per task, disjoint from each other and from the training
+    examples of every seed (regenerated exactly as :func:`train_one` drew them)."""
+    out = {}
+    for task in TASKS:
+        eval_examples = make_examples(task, EVAL_N, seed=EVAL_SEED)
+        trained = [ex for seed in (*SELECT_SEEDS, *REPORT_SEEDS)
+                   for ex in make_examples(task, steps * batch_size, seed=seed,
+                                           exclude=eval_examples)]
+        val = make_examples(task, n_val, seed=VAL_SEED, exclude=trained)
+        test = make_examples(task, n_test, seed=TEST_SEED, exclude=trained + val)
+        out[task] = {"validation": val, "test": test}
+    return out
+
+
+@contextlib.contextmanager
+def cpu_lock(path: Path | None):
+    """Hold an exclusive flock on ``path`` (if given) for the length of the block."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def score(model, batches: dict, adapter=None, scale: float = 1.0, lock=None) -> dict:
+    """Per task: per-prompt answer tokens right (``hits``) and mean loss, with ``adapter``
+    merged at ``scale`` (``None``: the base model)."""
+    with cpu_lock(lock):
+        ctx = merged(model, adapter, scale) if adapter else contextlib.nullcontext()
+        with ctx:
+            return {task: answer_items(model, batch) for task, batch in batches.items()}
+
+
+def summary(items: dict) -> dict:
+    """Exact match, per-token accuracy and loss per task from :func:`score`'s items."""
+    out = {}
+    for task, got in items.items():
+        hits = got["hits"]
+        out[task] = {"exact_match": float((hits == ANSWER_TOKENS).float().mean()),
+                     "token_accuracy": float(hits.float().mean() / ANSWER_TOKENS),
+                     "loss": float(got["loss"].mean())}
+    return out
+
+
+def mean_em(result: dict) -> float:
+    return sum(r["exact_match"] for r in result.values()) / len(result)
+
+
+def combination(adapters: dict, pair: tuple[str, str], method: str, index: int) -> dict:
+    """One pair's combined adapter (weights 1 and 1; λ is applied when merging)."""
+    return combine_named_adapters(
+        adapters, {pair[0]: 1.0, pair[1]: 1.0}, method, density=DENSITY,
+        rank=SVD_RANK if method in SVD_TYPES else None,
+        generator=torch.Generator().manual_seed(1000 + index))
+
+
+def choose_lambda(model, adapters, batches, design, method, grid, lock) -> dict:
+    """Score the λ grid on validation with the selection pairs; extend it while the best λ is
+    at an edge (up to 4 steps each way); return every point and the choice."""
+    combos = [combination(adapters, p, method, i)
+              for i, p in enumerate(pairs(design, SELECT_SEEDS))]
+    points: dict[float, list] = {}
+
+    def run(lam: float) -> None:
+        lam = round(lam, 4)
+        if lam not in points:
+            points[lam] = [summary(score(model, batches, c, lam, lock)) for c in combos]
+            tok, em = _val_key(points[lam])
+            print(f"  {design:11s} {method:15s} λ={lam:<6g} validation: token accuracy "
+                  f"{tok:.3f}, exact match {em:.3f}", flush=True)
+
+    for lam in grid:
+        run(lam)
+    for _ in range(4):
+        ranked = sorted(points, key=lambda x: _val_key(points[x]), reverse=True)
+        best, lams = ranked[0], sorted(points)
+        if best == lams[-1]:
+            run(best * 2 ** 0.5)
+        elif best == lams[0]:
+            run(best / 2 ** 0.5)
+        else:
+            break
+    ranked = sorted(points, key=lambda x: _val_key(points[x]), reverse=True)
+    return {"chosen": ranked[0], "runner_up": ranked[1],
+            "grid": {str(lam): per_pair for lam, per_pair in sorted(points.items())}}
+
+
+def _val_key(per_pair: list[dict]) -> tuple[float, float]:
+    """Validation criterion: mean per-token accuracy over pairs and tasks (finer-grained than
+    exact match, which is near 0 for many combinations), then mean exact match."""
+    em = sum(mean_em(r) for r in per_pair) / len(per_pair)
+    tok = sum(sum(t["token_accuracy"] for t in r.values()) / len(r) for r in per_pair)
+    return tok / len(per_pair), em
+
+
+def hits_string(hits: torch.Tensor) -> str:
+    """Per-prompt answer tokens right as one digit per prompt (compact JSON)."""
+    return "".join(str(int(h)) for h in hits)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1 if get_device().type == "cpu" else torch.get_num_threads())
+    device = get_device()
+    commit = git_commit()
+    start = time.time()
+    model, tokenizer = load_smollm2(device=device)
+    model.eval()
+    names = [f"{t}-s{s}" for s in (*SELECT_SEEDS, *REPORT_SEEDS) for t in TASKS]
+    adapters = {n: read_adapter(args.adapters / n) for n in names}
+    examples = heldout_examples(args.n_val, args.n_test)
+    batches = {split: {t: encode_task(tokenizer, examples[t][split]).to(device) for t in TASKS}
+               for split in ("validation", "test")}
+    lengths = {t: int(b.input_ids.shape[1] - b.answer_start)
+               for t, b in batches["test"].items()}
+    assert set(lengths.values()) == {ANSWER_TOKENS}, lengths
+
+    def test_items(adapter=None, scale=1.0) -> dict:
+        got = score(model, batches["test"], adapter, scale, args.lock)
+        return {t: {"hits": hits_string(g["hits"]), "loss": float(g["loss"].mean())}
+                for t, g in got.items()}
+
+    result = {**provenance("combine_tasks", device), "git_commit": commit,
+              "settings": {"methods": args.methods, "designs": args.designs,
+                           "lambda_grid": args.lambdas, "density": DENSITY,
+                           "svd_rank": SVD_RANK, "weights": [1.0, 1.0],
+                           "select_seeds": SELECT_SEEDS, "report_seeds": REPORT_SEEDS,
+                           "pairs": {d: {"select": pairs(d, SELECT_SEEDS),
+                                         "report": pairs(d, REPORT_SEEDS)} for d in DESIGNS},
+                           "n_val": args.n_val, "n_test": args.n_test,
+                           "val_seed": VAL_SEED, "test_seed": TEST_SEED,
+                           "answer_tokens": ANSWER_TOKENS,
+                           "criterion": "mean per-token accuracy over both tasks and the "
+                                        "selection pairs (ties: mean greedy exact match)",
+                           "dare_generator": "torch.Generator().manual_seed(1000 + pair "
+                                             "index), one draw per combination"},
+              "examples": {t: {"test": examples[t]["test"]} for t in TASKS}}
+    print("base model and each report adapter alone, on test", flush=True)
+    result["base_test"] = test_items()
+    result["alone_test"] = {n: test_items(adapters[n]) for n in names
+                            if int(n.rsplit("-s", 1)[1]) in REPORT_SEEDS}
+    result["selection"], result["test"] = {}, {}
+    for design in args.designs:
+        result["selection"][design], result["test"][design] = {}, {}
+        for method in args.methods:
+            chosen = choose_lambda(model, adapters, batches["validation"], design, method,
+                                   args.lambdas, args.lock)
+            result["selection"][design][method] = chosen
+            report = []
+            for i, pair in enumerate(pairs(design, REPORT_SEEDS)):
+                combo = combination(adapters, pair, method, i)
+                report.append({"pair": pair, **test_items(combo, chosen["chosen"])})
+            result["test"][design][method] = {"lambda": chosen["chosen"], "pairs": report}
+            em = {t: sum(r[t]["hits"].count(str(ANSWER_TOKENS)) for r in report)
+                  / (len(report) * args.n_test) for t in TASKS}
+            print(f"{design} {method}: λ = {chosen['chosen']:g}; test exact match {em} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+    result["wall_seconds"] = round(time.time() - start)
+    write_result(result, "combine_tasks-eval", device, out=args.result)
     return 0
 
 

@@ -566,3 +566,49 @@ def test_letter_tasks_answers_seeds_and_exclusion() -> None:
     assert not {p for p, _ in held_out} & {p for p, _ in train}
     with pytest.raises(ValueError, match="unknown task"):
         make_examples("sort", 3, seed=0)
+
+
+# --------------------------------------------------------------------------- scoring a merge
+
+def test_merged_applies_lambda_s_BA_and_restores_exactly() -> None:
+    from lora_edu.combine import merged
+
+    model = base_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    A, B = torch.randn(4, 16), torch.randn(12, 4)
+    with merged(model, {"0.q": (A, B, 2.0)}, scale=0.5) as m:
+        assert m is model
+        assert torch.allclose(model[0].q.weight, before["0.q.weight"] + 0.5 * 2.0 * B @ A,
+                              atol=1e-6)
+        assert torch.equal(model[0].v.weight, before["0.v.weight"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(RuntimeError), merged(model, {"0.q": (A, B, 1.0)}):
+        raise RuntimeError("a failing evaluation")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    for bad, err in (({"0.q": (torch.randn(4, 15), B, 1.0)}, ValueError),
+                     ({"0.x": (A, B, 1.0)}, ValueError), ({"0": (A, B, 1.0)}, TypeError)):
+        with pytest.raises(err), merged(model, {"0.v": (torch.randn(4, 16),
+                                                        torch.randn(20, 4), 1.0), **bad}):
+            pass
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_answer_items_agree_with_teacher_forced_scores() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_edu.combine import answer_items
+    from lora_edu.letter_tasks import TaskBatch, teacher_forced_scores
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1)).eval()
+    batch = TaskBatch(torch.randint(0, 8, (70, 9)), answer_start=4)
+    items = answer_items(model, batch, chunk=16)
+    scores = teacher_forced_scores(model, batch)
+    assert items["hits"].shape == items["loss"].shape == (70,)
+    assert int(items["hits"].max()) <= 5
+    assert abs(float(items["hits"].sum()) / (70 * 5) - scores["accuracy"]) < 1e-9
+    assert abs(float(items["loss"].mean()) - scores["loss"]) < 1e-5
+    with pytest.raises(TypeError, match="TaskBatch"):
+        answer_items(model, batch.input_ids)

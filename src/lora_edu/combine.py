@@ -17,7 +17,11 @@ functions, with the same results:
     columns): ``B A = Σ w_i ΔW_i`` exactly, at rank ``Σ r_i``.
 ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``
     the same merge rule as the paper names, applied to the A's and to the B's separately
-    (with the weights ``c_i`` and ``c'_i`` above), equal ranks required.
+    (with the weights ``c_i`` and ``c'_i`` above), equal ranks required. The factors of an
+    update are defined only up to an invertible ``G`` (r×r): ``(B G, G⁻¹ A)`` gives the same
+    ``ΔW``, so the sign and size of one entry of ``A`` or ``B`` mean something only when the
+    adapters share a basis (for instance a common initial ``A``); the ``*_svd`` types below
+    work on ``ΔW_i`` itself and do not depend on the factorisation.
 ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``
     the merge rule applied to the full updates ``ΔW_i`` with the weights ``w_i`` (``svd`` is
     exact task arithmetic ``Σ w_i ΔW_i``), then re-compressed to rank ``rank`` by a truncated
@@ -33,7 +37,8 @@ The merge rules, on tensors ``T_1 … T_n`` of one shape with weights ``w_i``:
   the elected one (the *disjoint mean*);
 * DARE (Yu et al., 2024): drop each entry with probability ``1 − density`` and rescale the
   survivors by ``1/density`` (so the expectation is unchanged), then task arithmetic
-  (``dare_linear``) or TIES' sign election and disjoint mean (``dare_ties``).
+  (``dare_linear``) or TIES' sign election and disjoint mean (``dare_ties``). ``density`` is
+  the *keep* probability, as in PEFT; the DARE paper's ``p`` is the drop rate ``1 − density``.
 
 The combined adapter has scaling 1: its ``ΔW = B A``. As in PEFT, a single adapter is always
 combined with ``linear`` whatever ``combination_type`` says.
@@ -55,10 +60,11 @@ rsLoRA inputs
     creates the same ``lora_A`` / ``lora_B`` but copies ``use_rslora`` from the first adapter
     into the new config with ``lora_alpha = r = r'``; when that adapter is an rsLoRA one, the
     new adapter's scaling is ``r'/√r' = √r'`` and its ``ΔW`` is ``√r'`` times
-    ``Σ w_i ΔW_i``. We do not copy that: the fix proposed upstream
-    (https://github.com/huggingface/peft/pull/3449, reported again in
-    https://github.com/huggingface/peft/issues/3761) sets ``use_rslora=False`` for the new
-    adapter, and with it PEFT's ``ΔW`` equals ours.
+    ``Σ w_i ΔW_i``. We do not copy that: the upstream fix
+    (https://github.com/huggingface/peft/pull/3449, merged after the release the tests pin)
+    sets ``use_rslora=False`` for the new adapter, and with it PEFT's ``ΔW`` equals ours
+    (https://github.com/huggingface/peft/issues/3761 reports the rsLoRA case as still wrong
+    on a later main).
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -80,7 +87,7 @@ __all__ = [
     "combine_adapters", "combine_named_adapters", "adapter_from_model", "read_adapter",
     "install_adapter", "task_arithmetic", "trim", "elect_sign", "disjoint_mean", "ties_merge",
     "dare_drop", "dare_linear", "dare_ties", "magnitude_prune", "recompress",
-    "linear_factor_weights", "sign_conflicts",
+    "linear_factor_weights", "sign_conflicts", "merged", "answer_items",
 ]
 
 #: Every ``combination_type`` PEFT's ``add_weighted_adapter`` knows.
@@ -593,3 +600,71 @@ def install_adapter(model: nn.Module, adapter: Mapping[str, tuple]) -> nn.Module
             layers[name].lora_A.copy_(A)
             layers[name].lora_B.copy_(B)
     return model
+
+
+# --------------------------------------------------------------------------- evaluating one
+
+@contextmanager
+def merged(model: nn.Module, adapter: Mapping[str, tuple], scale: float = 1.0
+           ) -> Iterator[nn.Module]:
+    """Merge ``scale · s · B A`` of ``adapter`` ({module: (A, B, s)}) into the weights of a
+    model without LoRA for the length of a ``with`` block; the weights are restored exactly.
+
+    ``scale`` is the overall factor λ of a merge (``W0 + λ ΔW``), the one hyperparameter
+    every combination type has: TIES-merging and DARE tune it on validation data. Every
+    module and shape is checked before any weight changes.
+    """
+    scale = _check_number(scale, "scale")
+    modules = dict(model.named_modules())
+    for name, value in adapter.items():
+        base = modules.get(name)
+        if base is None:
+            raise ValueError(f"the model has no module {name!r}; merge the adapter into the "
+                             "base model it was trained on")
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"module {name!r} is a {type(base).__name__}, not an nn.Linear; "
+                            "merge into a model without LoRA layers")
+        A, B = value[0], value[1]
+        if (B.shape[0], A.shape[1]) != tuple(base.weight.shape) or B.shape[1] != A.shape[0]:
+            raise ValueError(f"module {name!r} is {tuple(base.weight.shape)} but the adapter "
+                             f"has A {tuple(A.shape)}, B {tuple(B.shape)}")
+    saved = {name: modules[name].weight.detach().clone() for name in adapter}
+    try:
+        with torch.no_grad():
+            for name, (A, B, s) in adapter.items():
+                weight = modules[name].weight
+                delta = (B.to(weight.device, torch.float32) @ A.to(weight.device, torch.float32))
+                weight.add_((scale * float(s) * delta).to(weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                modules[name].weight.copy_(original)
+
+
+@torch.no_grad()
+def answer_items(model: nn.Module, batch: Any, chunk: int = 64) -> dict[str, torch.Tensor]:
+    """Per prompt of a :class:`lora_edu.letter_tasks.TaskBatch`: ``"hits"`` (n,), how many of
+    its L answer tokens the argmax predicts with the gold answer fed in, and ``"loss"`` (n,),
+    their mean cross-entropy (nats/token).
+
+    ``hits == L`` is a greedy exact match: greedy decoding reproduces the answer exactly when
+    every answer token is the argmax given the gold prefix, so one teacher-forced pass scores
+    it without generating. (The letter tasks have no end token; generation would go on
+    after the L tokens, which this does not score.)
+    """
+    from lora_edu.letter_tasks import TaskBatch, _answer_logits
+
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"batch must be a lora_edu.letter_tasks.TaskBatch, got "
+                        f"{type(batch).__name__}")
+    hits, losses = [], []
+    for i in range(0, batch.input_ids.shape[0], chunk):
+        part = TaskBatch(batch.input_ids[i:i + chunk], batch.answer_start)
+        logits = _answer_logits(model, part).float()
+        targets = part.input_ids[:, part.answer_start:]
+        hits.append((logits.argmax(-1) == targets).sum(-1).cpu())
+        losses.append(torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, reduction="none").mean(-1).cpu())
+    return {"hits": torch.cat(hits), "loss": torch.cat(losses)}
+
