@@ -79,14 +79,37 @@ def test_fsdp_shards_everything_in_halves(runs: dict, model: str) -> None:
         assert paper["optimizer"] == measured["optimizer"]
     assert step_traffic(n_base, n_lora, "lora", "ddp", 2, "fp32") == \
         res["ddp_lora"]["hook_bytes"]  # 2(N-1)/N = 1 at N = 2
-    # FSDP2: every unit's weights gathered twice (forward, backward), LoRA grads scattered once
+    # FSDP2's default: the blocks gathered twice (forward, backward), the root once (it is not
+    # resharded after forward); LoRA grads scattered once
     traffic = res["fsdp_lora"]["traffic"]
     weights = res["one_rank_lora_bytes"]["params"]
-    assert traffic["block_weight_bytes"] + traffic["root_weight_bytes"] == weights
-    assert traffic["gathered"] == 2 * weights
+    root = traffic["root_weight_bytes"]
+    assert traffic["block_weight_bytes"] + root == weights and root > 0
+    assert traffic["gathered"] == 2 * weights - root
     assert traffic["reduce_scattered"] == res["ddp_lora"]["allreduce_bytes"]
-    assert step_traffic(n_base, n_lora, "lora", "fsdp", 2, "fp32") == \
-        (traffic["gathered"] + traffic["reduce_scattered"]) / 2
+    n_root = root // 4  # float32
+    by = res["fsdp_lora"]["traffic_by_reshard"]
+    assert by["default"]["gathered"] == traffic["gathered"]
+    assert by["true"]["gathered"] == 2 * weights and by["false"]["gathered"] == weights
+    for key, flag in (("default", None), ("true", True), ("false", False)):
+        assert step_traffic(n_base, n_lora, "lora", "fsdp", 2, "fp32", n_root=n_root,
+                            reshard_after_forward=flag) == \
+            (by[key]["gathered"] + by[key]["reduce_scattered"]) / 2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_saving_without_gathering_is_refused(runs: dict, model: str) -> None:
+    saving = runs[model]["fsdp_lora"]["saving_without_gathering"]
+    fsdp1 = saving["fsdp1"]
+    n = 2 * runs[model]["lora_layers"]
+    for census in fsdp1["per_rank"]:  # FSDP1's views: empty or 1-D, never the tensor
+        assert census["whole"] == census["partial_2d"] == 0
+        assert census["empty"] + census["one_d"] == n and census["empty"] > 0
+    assert "torch.Size([0])" in fsdp1["refused"] or "flat slice" in fsdp1["refused"]
+    assert "FSDP1" in fsdp1["lora_state_dict_refused"]
+    for census in saving["fsdp2"]["per_rank"]:  # FSDP2's to_local(): this rank's rows
+        assert census["partial_2d"] == n and census["whole"] == 0
+    assert "one rank's rows" in saving["fsdp2"]["refused"]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -178,6 +201,59 @@ def test_shard_refuses_mixed_trainable_dtypes_and_changes_nothing() -> None:
             shard_lora_model(model)
 
 
+def test_check_adapter_state_names_each_failure() -> None:
+    from lora_edu.distributed import check_adapter_state
+
+    model = lora_gpt()
+    good = lora_state_dict(model)
+    check_adapter_state(model, good)  # the gathered adapter passes
+    key = "blocks.0.attn.q.lora_B"
+    for bad, message in ((torch.empty(0), r"torch\.Size\(\[0\]\)"),
+                         (good[key].flatten()[:10], "flat slice"),
+                         (good[key][: good[key].shape[0] // 2], "one rank's rows")):
+        with pytest.raises(ValueError, match=message + ".*Gather before saving"):
+            check_adapter_state(model, {**good, key: bad})
+    with pytest.raises(ValueError, match="is missing"):
+        check_adapter_state(model, {k: v for k, v in good.items() if k != key})
+    with pytest.raises(ValueError, match="not part of"):
+        check_adapter_state(model, {**good, "blocks.9.lora_A": good[key]})
+
+
+def test_fsdp1_needs_lora_in_its_own_units() -> None:
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    from lora_edu.distributed import is_fsdp1, lora_wrap_policy
+
+    with single_process_group(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="uniform"):
+            FSDP1(lora_gpt(), use_orig_params=False, device_id=torch.device("cpu"))
+        model = lora_gpt()
+        wrapped = FSDP1(model, auto_wrap_policy=lora_wrap_policy(model),
+                        use_orig_params=False, device_id=torch.device("cpu"))
+        assert is_fsdp1(wrapped)
+        units = [m for m in wrapped.modules() if isinstance(m, FSDP1)]
+        blocks = len(model.blocks)
+        assert len(units) == 1 + blocks + 2 * 2 * blocks  # root, blocks, LoRA layers, bases
+        wrapped(torch.randint(0, 64, (2, 8))).sum().backward()
+        with pytest.raises(ValueError, match="FSDP1"):
+            lora_state_dict(wrapped)
+
+
+def test_shard_uses_fsdp2_default_resharding() -> None:
+    with single_process_group():
+        model = shard_lora_model(lora_gpt())
+        model(torch.randint(0, 64, (2, 8)))
+        root = model._get_fsdp_state()._fsdp_param_group
+        block = model.blocks[0]._get_fsdp_state()._fsdp_param_group
+        assert root.post_forward_mesh_info is None  # root: not resharded after forward
+        assert block.post_forward_mesh_info is not None
+        with pytest.raises(TypeError, match="reshard_after_forward"):
+            shard_lora_model(lora_gpt(), reshard_after_forward=2)
+
+
 def test_paper_formulas() -> None:
     p, t = 7_000_000_000, 40_000_000
     full = training_bytes(p, t, "full", "ddp", 8)
@@ -190,3 +266,14 @@ def test_paper_formulas() -> None:
     assert step_traffic(p, t, "lora", "fsdp", 8) > step_traffic(p, t, "lora", "ddp", 8)
     with pytest.raises(ValueError, match="method"):
         training_bytes(p, t, "dora", "ddp", 2)
+    # QLoRA keeps the embeddings, norms and output layer in bf16
+    u = 500_000_000
+    q = training_bytes(p, t, "qlora", "ddp", 1, n_unquantized=u)["weights"]
+    assert q == (p - u) * (4 + 0.127) / 8 + 2 * u + 4 * t
+    with pytest.raises(ValueError, match="n_unquantized"):
+        training_bytes(p, t, "lora", "ddp", 1, n_unquantized=u)
+    # FSDP traffic: root kept (default), every unit resharded, none resharded
+    w, g, f = 2 * p + 4 * t, 4 * t, 7 / 8
+    assert step_traffic(p, t, "lora", "fsdp", 8, reshard_after_forward=True) == f * (2 * w + g)
+    assert step_traffic(p, t, "lora", "fsdp", 8, reshard_after_forward=False) == f * (w + g)
+    assert step_traffic(p, t, "lora", "fsdp", 8, n_root=u) == f * (2 * w - 2 * u + g)

@@ -10,13 +10,19 @@ Two ways to spread a LoRA fine-tuning over N processes (GPUs, or CPU processes w
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``) splits every parameter along dim 0 across
   the N ranks (each keeps 1/N), all-gathers a block's weights just before the block runs and
   frees them after, and reduce-scatters the gradients. With LoRA the frozen base W0 is what
-  sharding saves memory on; :func:`shard_lora_model` applies it per transformer block.
+  sharding saves memory on; :func:`shard_lora_model` applies it per transformer block, with
+  FSDP2's default ``reshard_after_forward``: the blocks are freed after forward and gathered
+  again for backward, the root (embeddings, final norm, output layer) is kept from forward to
+  backward.
 
 :func:`lora_state_dict` gathers the adapter (every ``lora_A`` (r×k), ``lora_B`` (d×r) and the
 trainable biases) as full CPU tensors under the names :mod:`lora_edu.adapters` saves, from a
 plain, a DDP-wrapped or a sharded model; :func:`save_peft_adapter_sharded` writes it in
-PEFT's layout. :func:`training_bytes` and :func:`step_traffic` are the paper formulas for
-memory and communication at any scale, checked in chapter 10 against a measured run.
+PEFT's layout. :func:`check_adapter_state` refuses what a save without gathering would write
+(``torch.Size([0])`` or 1-D tensors from an FSDP1 or ZeRO-3 shard, one rank's rows of an FSDP2
+``DTensor``). :func:`lora_wrap_policy` is the FSDP1 wrapping that gives the LoRA factors their
+own units. :func:`training_bytes` and :func:`step_traffic` are the paper formulas for memory
+and communication at any scale, checked in chapter 10 against a measured run.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from lora_edu.lora import lora_layers
 
 __all__ = ["shard_lora_model", "lora_state_dict", "allreduce_bytes", "find_blocks",
            "AllreduceCounter", "FSDPTrafficCounter", "rank_bytes", "save_peft_adapter_sharded",
-           "single_process_group", "training_bytes", "step_traffic", "BYTES_PER_PARAM"]
+           "single_process_group", "training_bytes", "step_traffic", "BYTES_PER_PARAM",
+           "check_adapter_state", "lora_wrap_policy", "is_fsdp1"]
 
 #: Where the transformer blocks live, tried in order: lora_edu's GPT, transformers' Llama
 #: (and Mistral, Qwen, ...), GPT-2, a bare stack.
@@ -58,6 +65,13 @@ def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    """True if ``model`` is or contains an FSDP1 ``FullyShardedDataParallel`` wrapper."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 def _require_process_group(what: str) -> None:
@@ -133,7 +147,7 @@ def _check_uniform_dtypes(groups: list[tuple[str, list[tuple[str, nn.Parameter]]
 
 
 def shard_lora_model(model: nn.Module, mesh: Any = None, *, mp_policy: Any = None,
-                     reshard_after_forward: bool = True) -> nn.Module:
+                     reshard_after_forward: bool | None = None) -> nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, then the root; returns ``model``.
 
     Each parameter becomes a ``DTensor`` of which this rank keeps rows ``rank·⌈d/N⌉`` onward
@@ -149,8 +163,13 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, mp_policy: Any = Non
             even on a machine that has GPUs).
         mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 compute with
             float32 sharded parameters), or ``None`` for none.
-        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3;
-            they are gathered again for backward) or keep them until backward (ZeRO-2-like).
+        reshard_after_forward: passed to every ``fully_shard`` call. ``None`` (FSDP2's
+            default): ``True`` for the blocks (their gathered weights are freed after forward
+            and gathered again for backward) and ``False`` for the root (its weights, needed
+            first in backward, stay gathered from forward to backward). ``True`` reshards the
+            root too (every unit gathered twice per step); ``False`` keeps every unit gathered
+            from its forward to its backward (one gather per step, FSDP1's ``SHARD_GRAD_OP``).
+            :func:`step_traffic` gives the bytes of each.
 
     Raises:
         RuntimeError: no process group is initialised.
@@ -174,6 +193,9 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, mp_policy: Any = Non
     if mesh is None:
         device_type = next(model.parameters()).device.type
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    if reshard_after_forward is not None and not isinstance(reshard_after_forward, bool):
+        raise TypeError(f"reshard_after_forward must be True, False or None (FSDP2's default), "
+                        f"got {reshard_after_forward!r}")
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
               "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
     for block in blocks:
@@ -194,11 +216,20 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     full_state_dict=True))`` would gather the frozen base too.
 
     Raises:
-        ValueError: the model has no LoRA layers (or no ``lora_config``).
+        ValueError: the model has no LoRA layers (or no ``lora_config``), is wrapped in FSDP1
+            (its parameters are views of this rank's flat shard), or a gathered tensor does
+            not have its layer's shape (:func:`check_adapter_state`).
     """
     from torch.distributed.tensor import DTensor
 
     model = _unwrap(model)
+    if is_fsdp1(model):
+        raise ValueError(
+            "model is wrapped in FSDP1 (FullyShardedDataParallel): outside forward its LoRA "
+            "parameters are views of this rank's part of a flat buffer, 1-D or torch.Size([0]) "
+            "(what a save without gathering writes). Shard with FSDP2 instead "
+            "(shard_lora_model), or gather with FSDP1's own full state dict: "
+            "`with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT): model.state_dict()`")
     _require_lora(model)
     config = _saved_config(model)
     names = _adapter_names(model, config, [n for n, _ in lora_layers(model)])
@@ -209,7 +240,100 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
         state[key] = tensor.to("cpu").contiguous().clone()
+    check_adapter_state(model, state)
     return state
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{key: full shape}`` of the adapter, from each layer's declared sizes (``r``,
+    ``in_features``, ``out_features``), which sharding never changes (its ``weight.shape`` can:
+    FSDP1 replaces it by a flat view)."""
+    config = _saved_config(model)
+    layers = list(lora_layers(model))
+    expected = dict(_adapter_names(model, config, [n for n, _ in layers]))
+    for name, layer in layers:
+        expected[f"{name}.lora_A"] = (layer.r, layer.in_features)
+        expected[f"{name}.lora_B"] = (layer.out_features, layer.r)
+    return expected
+
+
+def check_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter state that is not the full adapter of ``model``.
+
+    Every ``lora_A`` must be (r×k) and every ``lora_B`` (d×r), as the layer declares them, and
+    a plain tensor (not a ``DTensor``). What saving without gathering produces fails here, with
+    the cause named:
+
+    * ``torch.Size([0])``: this rank holds none of the tensor (FSDP1 with
+      ``use_orig_params=True`` outside forward, a DeepSpeed ZeRO-3 partition: the empty
+      adapter files of PEFT issue #2892 and the "size mismatch ... torch.Size([0])" loads);
+    * a 1-D tensor: this rank's slice of FSDP1's flat buffer;
+    * a 2-D tensor with too few rows: one rank's rows of an FSDP2 ``DTensor`` (``to_local()``;
+      accelerate PR #4206 fixed an adapter-only FSDP2 save that kept rank 0's slice);
+    * a ``DTensor``: not gathered (``full_tensor()``), whatever its shape says.
+
+    PEFT's ``save_pretrained`` (0.21.2, PR #3251) warns on the first two; the third passes it.
+
+    Raises:
+        ValueError: a missing, extra or mis-shaped tensor (up to three named, with the fix).
+    """
+    from torch.distributed.tensor import DTensor
+
+    model = _unwrap(model)
+    if is_fsdp1(model):
+        raise ValueError("model is wrapped in FSDP1; check the state against the model as it "
+                         "was before wrapping (the same layers, unsharded)")
+    _require_lora(model)
+    expected = _expected_shapes(model)
+    problems = []
+    for key in sorted(set(expected) - set(state)):
+        problems.append(f"{key} is missing")
+    for key in sorted(set(state) - set(expected)):
+        problems.append(f"{key} is not part of this model's adapter")
+    for key in sorted(set(expected) & set(state)):
+        tensor, want = state[key], expected[key]
+        got = tuple(tensor.shape)
+        if isinstance(tensor, DTensor):
+            problems.append(f"{key} is a DTensor (each rank holds part of it): gather it with "
+                            "full_tensor(), as lora_state_dict does")
+        elif tensor.numel() == 0:
+            problems.append(f"{key} is torch.Size([0]), expected {want}: this rank holds none "
+                            "of it (an FSDP1 flat-parameter view outside forward, or a ZeRO-3 "
+                            "partition)")
+        elif tensor.dim() != len(want):
+            problems.append(f"{key} has shape {got}, expected {want}: a flat slice of FSDP1's "
+                            "buffer, not the tensor")
+        elif got != want:
+            problems.append(f"{key} has shape {got}, expected {want}: one rank's rows of a "
+                            "sharded tensor (an FSDP2 DTensor's to_local())")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            "this is not the full adapter: " + "; ".join(problems[:3]) + more + ". Gather "
+            "before saving: lora_state_dict(model) on every rank of an FSDP2 or DDP model "
+            "(save_peft_adapter_sharded does both), FSDP1's FULL_STATE_DICT, or "
+            "deepspeed.zero.GatheredParameters under ZeRO-3")
+
+
+def lora_wrap_policy(model: nn.Module) -> Any:
+    """An FSDP1 ``auto_wrap_policy`` that puts each LoRA layer's A and B in a unit of their
+    own, so that no flat buffer mixes frozen and trainable parameters.
+
+    The units: every transformer block (:func:`find_blocks`), every LoRA layer (whose own
+    parameters are only ``lora_A`` and ``lora_B``) and the frozen ``base`` inside it. The same
+    idea as ``peft.utils.other.fsdp_auto_wrap_policy`` (a unit for every leaf module whose
+    weight trains: PEFT's ``lora_A`` and ``lora_B`` are ``nn.Linear`` leaves) and Answer.AI's
+    ``get_wrapping_policy`` in fsdp_qlora's ``train.py``. FSDP2 needs none of this.
+    """
+    from functools import partial
+
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    _require_lora(_unwrap(model))
+    _, blocks = find_blocks(model)
+    layers = [layer for _, layer in lora_layers(_unwrap(model))]
+    units = {id(m) for m in (*blocks, *layers, *(layer.base for layer in layers))}
+    return partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in units)
 
 
 def allreduce_bytes(model: nn.Module) -> int:
@@ -340,7 +464,7 @@ def save_peft_adapter_sharded(model: nn.Module, directory: str | os.PathLike,
     from safetensors.torch import save_file
 
     model = _unwrap(model)
-    state = lora_state_dict(model)
+    state = lora_state_dict(model)  # gathered and checked (check_adapter_state)
     if dist.is_initialized() and dist.get_rank() != rank:
         return None
     out = Path(directory)
@@ -397,19 +521,22 @@ BYTES_PER_PARAM = {
 
 
 def training_bytes(n_base: int, n_trainable: int, method: str, strategy: str, world: int,
-                   precision: str = "bf16") -> dict[str, float]:
+                   precision: str = "bf16", n_unquantized: int = 0) -> dict[str, float]:
     """Per-rank bytes of weights, gradients and optimizer state (activations excluded).
 
     Args:
         n_base: parameters of the pretrained model (P).
         n_trainable: LoRA parameters (T); ignored for ``method="full"``.
         method: ``"full"`` (all P train), ``"lora"`` (P frozen in bf16 + T) or ``"qlora"``
-            (P frozen in NF4 + T).
+            (P frozen in NF4 + T, except ``n_unquantized`` of them).
         strategy: ``"ddp"`` (every rank holds everything) or ``"fsdp"`` (each rank 1/N of it:
             ZeRO-3 / FSDP FULL_SHARD).
         world: N, the number of ranks.
         precision: ``"bf16"`` (the accounting above) or ``"fp32"`` (everything float32, as in
             the measured toy run).
+        n_unquantized: for ``"qlora"``, the base parameters that stay bf16: QLoRA quantises
+            the ``nn.Linear`` layers of the blocks only, so the embeddings, the norms and the
+            output layer (transformers keeps ``lm_head`` unquantised) are 16-bit.
 
     Returns:
         ``{"weights", "grads", "optimizer", "total"}`` in bytes, on one rank.
@@ -422,11 +549,20 @@ def training_bytes(n_base: int, n_trainable: int, method: str, strategy: str, wo
         raise ValueError(f"precision must be 'bf16' or 'fp32' (not with qlora), got {precision!r}")
     if world < 1:
         raise ValueError(f"world (the number of ranks) must be >= 1, got {world}")
+    if not 0 <= n_unquantized <= n_base or (n_unquantized and method != "qlora"):
+        raise ValueError(f"n_unquantized (base parameters QLoRA leaves in bf16) must lie in "
+                         f"[0, n_base] and is only for method='qlora', got {n_unquantized}")
     full = BYTES_PER_PARAM["fp32_full" if precision == "fp32" else "full"]
-    parts = [(n_base, full)] if method == "full" else [
-        (n_base, BYTES_PER_PARAM["fp32_frozen" if precision == "fp32" else
-                                 "frozen_nf4" if method == "qlora" else "frozen_bf16"]),
-        (n_trainable, BYTES_PER_PARAM["lora"])]
+    if method == "full":
+        parts = [(n_base, full)]
+    elif method == "qlora":
+        parts = [(n_base - n_unquantized, BYTES_PER_PARAM["frozen_nf4"]),
+                 (n_unquantized, BYTES_PER_PARAM["frozen_bf16"]),
+                 (n_trainable, BYTES_PER_PARAM["lora"])]
+    else:
+        parts = [(n_base, BYTES_PER_PARAM["fp32_frozen" if precision == "fp32" else
+                                          "frozen_bf16"]),
+                 (n_trainable, BYTES_PER_PARAM["lora"])]
     share = 1 / world if strategy == "fsdp" else 1
     out = {"weights": sum(n * b.weight for n, b in parts) * share,
            "grads": sum(n * b.grad for n, b in parts) * share,
@@ -436,19 +572,41 @@ def training_bytes(n_base: int, n_trainable: int, method: str, strategy: str, wo
 
 
 def step_traffic(n_base: int, n_trainable: int, method: str, strategy: str, world: int,
-                 precision: str = "bf16") -> float:
+                 precision: str = "bf16", n_root: int = 0,
+                 reshard_after_forward: bool | None = None, n_unquantized: int = 0) -> float:
     """Bytes one rank sends per optimizer step (ring collectives; no overlap assumed).
 
-    DDP all-reduces the gradient bytes G: ``2(N−1)/N · G``. FSDP (ZeRO-3) all-gathers the
-    weight bytes W before forward and again before backward, and reduce-scatters G:
-    ``(N−1)/N · (2W + G)``. With LoRA, G is only the adapter's (4 bytes each) but under FSDP
-    W is the whole frozen base: sharding buys memory with traffic.
+    DDP all-reduces the gradient bytes G: ``2(N−1)/N · G``. FSDP reduce-scatters G and
+    all-gathers the weights: a unit resharded after forward is gathered twice (forward and
+    backward), one kept gathered once. With W the weight bytes and W_root those of the root
+    unit (the ``n_root`` parameters outside the blocks: embeddings, final norm, output layer):
+
+    * ``reshard_after_forward=None`` (FSDP2's default, :func:`shard_lora_model`'s): blocks
+      twice, root once, ``(N−1)/N · (2W − W_root + G)``;
+    * ``True`` (every unit resharded, FSDP1's ``FULL_SHARD``): ``(N−1)/N · (2W + G)``;
+    * ``False`` (none resharded, ``SHARD_GRAD_OP``): ``(N−1)/N · (W + G)``.
+
+    With LoRA, G is only the adapter's (4 bytes each) but under FSDP W is the whole frozen
+    base: sharding buys memory with traffic. ``n_unquantized`` as in :func:`training_bytes`.
     """
+    if reshard_after_forward not in (None, True, False):
+        raise ValueError(f"reshard_after_forward must be None, True or False, got "
+                         f"{reshard_after_forward!r}")
+    if not 0 <= n_root <= n_base:
+        raise ValueError(f"n_root (parameters of the root unit) must lie in [0, n_base], got "
+                         f"{n_root}")
     if world == 1:
         return 0.0
-    b = training_bytes(n_base, n_trainable, method, "ddp", 1, precision)
+    b = training_bytes(n_base, n_trainable, method, "ddp", 1, precision, n_unquantized)
     full = BYTES_PER_PARAM["fp32_full" if precision == "fp32" else "full"]
     grads = n_base * full.grad if method == "full" else n_trainable * 4
     weights = b["weights"]  # gathered in storage dtype (NF4 for QLoRA, as Answer.AI's recipe)
+    # the root's weights: embeddings, norms and output layer, 16-bit even under QLoRA
+    per_root = (full.weight if method == "full" else
+                BYTES_PER_PARAM["fp32_frozen" if precision == "fp32" else "frozen_bf16"].weight)
+    root = n_root * per_root
     factor = (world - 1) / world
-    return 2 * factor * grads if strategy == "ddp" else factor * (2 * weights + grads)
+    if strategy == "ddp":
+        return 2 * factor * grads
+    gathered = {None: 2 * weights - root, True: 2 * weights, False: weights}[reshard_after_forward]
+    return factor * (gathered + grads)

@@ -16,11 +16,16 @@ What each rank does, in order (the same seed everywhere, so every rank builds th
 2. **DDP, LoRA**: each rank takes its slice of that batch; a communication hook counts the
    gradient bytes all-reduced; gradients, loss and the AdamW step are compared with 1.
 3. **DDP, full fine-tuning**: the same model without LoRA, for the bytes it all-reduces.
-4. **FSDP2, LoRA** (:func:`lora_edu.distributed.shard_lora_model`): gradients and the step
-   again; per-rank bytes of parameters, gradients and AdamW state; the adapter gathered with
+4. **FSDP2, LoRA** (:func:`lora_edu.distributed.shard_lora_model`, FSDP2's default
+   ``reshard_after_forward``): gradients and the step again; per-rank bytes of parameters,
+   gradients and AdamW state; the bytes each collective moved, and again for
+   ``reshard_after_forward=True`` and ``False``; the adapter gathered with
    :func:`~lora_edu.distributed.lora_state_dict`, saved in PEFT's layout, loaded into a fresh
    unsharded model, merged, and its logits compared with the sharded model's.
-5. **FSDP2, full fine-tuning**: per-rank bytes, for comparison.
+5. **Saving without gathering**: what each rank would save from FSDP1 (``use_orig_params=True``)
+   and from FSDP2 (``to_local()``), and :func:`~lora_edu.distributed.check_adapter_state`
+   refusing it.
+6. **FSDP2, full fine-tuning**: per-rank bytes, for comparison.
 
 The JSON holds every measured figure, the largest differences from the reference, the
 predictions of :func:`~lora_edu.distributed.allreduce_bytes` and the timings. Files written
@@ -45,9 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_edu.distributed import (AllreduceCounter, FSDPTrafficCounter, allreduce_bytes,
-                                  find_blocks,
-                                  lora_state_dict, rank_bytes, save_peft_adapter_sharded,
-                                  shard_lora_model)
+                                  check_adapter_state, find_blocks, lora_state_dict,
+                                  rank_bytes, save_peft_adapter_sharded, shard_lora_model)
 from lora_edu.lora import LoraConfig, count_parameters, inject_lora, lora_layers, merge_and_unload
 
 MODELS = ("gpt", "gpt-tiny", "llama-tiny", "smollm2")
@@ -160,6 +164,75 @@ def global_mean(value: torch.Tensor, device: torch.device) -> float:
     t = value.detach().reshape(1).to(device, torch.float64)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).item()
+
+
+def traffic_of_one_step(lora_model: nn.Module, mesh: Any, x: torch.Tensor, y: torch.Tensor,
+                        reshard_after_forward: bool | None) -> dict[str, int]:
+    """Bytes each FSDP2 collective moves in one forward and backward of a sharded copy."""
+    m = shard_lora_model(copy.deepcopy(lora_model), mesh=mesh,
+                         reshard_after_forward=reshard_after_forward)
+    traffic = FSDPTrafficCounter.register(m)
+    loss_fn(m, x, y).backward()
+    return {"gathered": traffic.gathered, "all_gathers": traffic.all_gathers,
+            "reduce_scattered": traffic.reduce_scattered,
+            "reduce_scatters": traffic.reduce_scatters}
+
+
+def refusal(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """:func:`check_adapter_state`'s message for ``state`` (None if it accepts it)."""
+    try:
+        check_adapter_state(model, state)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def shape_census(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, Any]:
+    """How many LoRA tensors of ``state`` are empty, 1-D, another shape, or whole."""
+    want = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return {"empty": sum(v.numel() == 0 for v in state.values()),
+            "one_d": sum(v.dim() == 1 and v.numel() > 0 for v in state.values()),
+            "partial_2d": sum(v.dim() == 2 and shapes[k] != want[k] for k, v in state.items()),
+            "whole": sum(shapes[k] == want[k] for k in state),
+            "examples": {k: list(shapes[k]) for k in sorted(state)[:4]}}
+
+
+def saving_without_gathering(lora_model: nn.Module, sharded: nn.Module, x: torch.Tensor
+                             ) -> dict[str, Any]:
+    """What each rank would write if it saved its LoRA parameters as they are: from FSDP1
+    with ``use_orig_params=True`` (views of its part of a flat buffer) and from FSDP2
+    (``to_local()``: its rows); and the package's refusals."""
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    world = dist.get_world_size()
+    names = [n for n, p in lora_model.named_parameters() if p.requires_grad]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f1 = FSDP1(copy.deepcopy(lora_model), use_orig_params=True,
+                   device_id=x.device if x.device.type == "cuda" else torch.device("cpu"))
+        with torch.no_grad():
+            f1(x)  # outside forward, the original parameters are views of this rank's shard
+    prefix = "_fsdp_wrapped_module."
+    fsdp1_state = {n.replace(prefix, ""): p.detach().cpu().clone()
+                   for n, p in f1.named_parameters() if n.replace(prefix, "") in names}
+    try:
+        lora_state_dict(f1)
+        fsdp1_refused = None
+    except ValueError as err:
+        fsdp1_refused = str(err)
+    fsdp2_state = {n: p.detach().to_local().cpu().clone()
+                   for n, p in sharded.named_parameters() if n in names}
+    out: dict[str, Any] = {}
+    for label, state in (("fsdp1", fsdp1_state), ("fsdp2", fsdp2_state)):
+        census: list[Any] = [None] * world
+        dist.all_gather_object(census, shape_census(state, lora_model))
+        out[label] = {"per_rank": census, "refused": refusal(lora_model, state)}
+    out["fsdp1"]["lora_state_dict_refused"] = fsdp1_refused
+    del f1
+    return out
 
 
 def full_shard_all(model: nn.Module, mesh: Any) -> nn.Module:
@@ -297,6 +370,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     opt.step()
     after = {n: full(p) for n, p in trainable(m).items()}
     sharded_state = lora_state_dict(m)
+    saving = saving_without_gathering(lora_model, m, xl)
     # What saving the parameters as they are would store: this rank's rows only.
     first_b = next(n for n in sharded_state if n.endswith("lora_B"))
     shard = dict(m.named_parameters())[first_b]
@@ -314,6 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                                           if not p.requires_grad),
         "per_rank_bytes": all_ranks,
         "traffic": step_traffic,
+        "saving_without_gathering": saving,
         "state_dict_max_diff_vs_unsharded": max_diff(sharded_state, unsharded_state),
         "state_dict_keys": len(sharded_state),
         "example_key": first_b, "example_local_shape": list(shard.to_local().shape),
@@ -345,7 +420,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     del m, opt
     lap("fsdp_lora")
 
-    # 5. FSDP2, full fine-tuning -----------------------------------------------------
+    # the same step's traffic when every unit, or none, is resharded after forward
+    res["fsdp_lora"]["traffic_by_reshard"] = {
+        "default": {k: step_traffic[k] for k in ("gathered", "all_gathers", "reduce_scattered",
+                                                 "reduce_scatters")},
+        **{str(flag).lower(): traffic_of_one_step(lora_model, mesh, xl, yl, flag)
+           for flag in (True, False)}}
+    lap("fsdp_lora_reshard")
+
+    # 6. FSDP2, full fine-tuning -----------------------------------------------------
     if not args.skip_full:
         m = copy.deepcopy(base).train()
         for p in m.parameters():
