@@ -65,6 +65,13 @@ def _is_redirect(page: Path) -> bool:
     return 'http-equiv="refresh"' in head and "<body" not in head
 
 
+def _looks_like_a_path(alt: str) -> bool:
+    """True for alt text that names a file (what MyST-NB writes when a figure has no alt
+    text: ``_build/jupyter_execute/…/abc123.png``) instead of describing the figure."""
+    return (" " not in alt and ("/" in alt or "\\" in alt)) or \
+        bool(re.fullmatch(r"\S+\.(png|jpe?g|svg|gif|webp)", alt, re.IGNORECASE))
+
+
 class _Collector(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -135,8 +142,12 @@ class _Reader(HTMLParser):
         a = {k: (v or "") for k, v in attrs}
         if tag == "img":
             hidden = a.get("aria-hidden") == "true" or a.get("role") in ("presentation", "none")
-            if not a.get("alt", "").strip() and not hidden:
+            alt = a.get("alt", "").strip()
+            if not alt and not hidden:
                 self.problems.append(f"image without alt text: {a.get('src', '?')[:80]}")
+            elif alt and _looks_like_a_path(alt):
+                self.problems.append(f"image whose alt text is a file name, not a description: "
+                                     f"{alt[:80]}")
         if tag == "svg":
             hidden = a.get("aria-hidden") == "true" or a.get("role") in ("presentation", "none")
             named = bool(a.get("aria-label", "").strip() or a.get("aria-labelledby"))

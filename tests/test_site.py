@@ -47,6 +47,8 @@ def test_reader_check_finds_text_tables_missing_alt_text_and_unnamed_svg_figures
     _page(tmp_path, "bad.html",
           f'<div class="cell_output"><div class="output text_plain"><pre>{RICH_TABLE}</pre>'
           '</div></div><img src="plot.png"><img src="empty.png" alt=" ">'
+          '<img src="x.png" alt="../_build/jupyter_execute/abc123.png">'
+          '<img src="y.png" alt="figure_3.png">'
           '<figure><svg viewBox="0 0 10 10"><rect width="5" height="5"/></svg></figure>')
     _page(tmp_path, "good.html",
           f'<div class="cell_input"><div class="highlight"><pre>{RICH_TABLE}</pre></div></div>'
@@ -60,6 +62,9 @@ def test_reader_check_finds_text_tables_missing_alt_text_and_unnamed_svg_figures
         "┏━━━┳━━━┓",
         "bad.html: image without alt text: plot.png",
         "bad.html: image without alt text: empty.png",
+        "bad.html: image whose alt text is a file name, not a description: "
+        "../_build/jupyter_execute/abc123.png",
+        "bad.html: image whose alt text is a file name, not a description: figure_3.png",
         "bad.html: inline SVG figure without a <title> or aria-label",
     ]
 
