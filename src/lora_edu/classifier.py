@@ -263,16 +263,17 @@ def lora_head_model(base: nn.Module, seed: int, recipe: dict[str, Any] | None = 
 
 
 def run(base: nn.Module, tokenizer: Any, lr: float, seed: int,
-        recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+        recipe: dict[str, Any] | None = None,
+        splits: Sequence[str] = ("validation", "test")) -> dict[str, Any]:
     """One training run of :data:`RECIPE` at ``lr`` and ``seed`` (head, A and batch order).
 
     Returns ``{"model", "losses", "before": {split: evaluate(...)}, "after": {...}}`` for
-    the validation and test splits; "before" is the model with its new head and B = 0,
-    which computes exactly what the base model with that head computes.
+    the held-out ``splits``; "before" is the model with its new head and B = 0, which
+    computes exactly what the base model with that head computes.
     """
     recipe = {**RECIPE, **(recipe or {})}
     model = lora_head_model(base, seed, recipe)
-    held_out = {split: category_examples(split) for split in ("validation", "test")}
+    held_out = {split: category_examples(split) for split in splits}
     before = {split: evaluate(model, tokenizer, ex) for split, ex in held_out.items()}
     losses = train_classifier(model, tokenizer, category_examples("train", per_noun=None),
                               steps=recipe["steps"], lr=lr, batch_size=recipe["batch_size"],
