@@ -2,7 +2,9 @@
 
 Usage: python scripts/make_notebooks.py      (or: make notebooks)
 
-Writes one notebook per chapter and removes notebooks whose chapter no longer exists.
+Writes one notebook per chapter, without its solutions (code cells tagged ``solution`` and
+``{admonition} Solution`` blocks; see notebook_tools.strip_solutions), and removes notebooks
+whose chapter no longer exists. The website keeps the solutions in collapsed toggles.
 """
 
 from __future__ import annotations
