@@ -3,8 +3,10 @@
 Chapter 12 trains one LoRA adapter per task on SmolLM2-135M-Instruct and combines them. The
 tasks share one format, so that two adapters compete for the same inputs:
 
-``reverse``  ``Reverse: c f a k q =`` → `` q k a f c`` (the letters in reverse order)
-``shift``    ``Shift: c f a k q =``   → `` d g b l r`` (each letter moved one step on, a→b)
+``reverse``  ``"Reverse: c f a k q ="`` → ``" q k a f c"`` (the letters in reverse order)
+``shift``    ``"Shift: c f a k q ="``   → ``" d g b l r"`` (each letter moved one step on)
+
+(Each answer starts with a space: the letters are tokens with their leading space.)
 
 Letters are drawn from ``a … y`` (so that ``shift`` never wraps). Every letter with its
 leading space is a single token of the SmolLM2 tokenizer, so all prompts of a task have the
