@@ -435,7 +435,8 @@ def test_round_ratio_median_spread_and_verdict() -> None:
     assert r.verdict == "higher" and round_ratio(fast, slow).verdict == "lower"
     same = round_ratio([1.0, 1.1, 0.9, 1.05], [1.05, 0.9, 1.1, 1.0])
     assert same.verdict == "indistinguishable" and same.low < 1 < same.high
-    assert "paired rounds" in r.text() and r.text(percent=True).startswith("+")
+    assert "95 % CI" in r.text() and "paired rounds" in r.text(spread=True)
+    assert r.text(percent=True).startswith("+")
     for bad in (([1.0], [1.0]), ([1.0, 2.0], [1.0]), ([0.0, 1.0], [1.0, 1.0])):
         with pytest.raises(ValueError):
             round_ratio(*bad)

@@ -592,16 +592,19 @@ class RoundRatio:
         return ("higher" if self.low > 1 else "lower" if self.high < 1
                 else "indistinguishable")
 
-    def text(self, digits: int = 2, percent: bool = False) -> str:
-        """``"1.19× (middle half of 20 rounds 1.17–1.21; 95 % CI 1.18–1.20)"``, or with
-        ``percent=True`` the same as changes: ``"+19 % (… +17 to +21 %; …)"``."""
+    def text(self, digits: int = 2, percent: bool = False, spread: bool = False) -> str:
+        """``"1.19× (95 % CI 1.18–1.20)"``; with ``percent=True`` as a change,
+        ``"+19.0 % (95 % CI +18.0 to +20.0 %)"``; ``spread=True`` adds the middle half of the
+        per-round ratios, ``"1.19× (middle half of 20 rounds 1.17–1.21; 95 % CI …)"``."""
         if percent:
             f = (lambda v: f"{100 * (v - 1):+.{digits}f}".replace("-", "−"))
-            return (f"{f(self.median)} % (middle half of {self.rounds} paired rounds "
-                    f"{f(self.q1)} to {f(self.q3)} %; 95 % CI {f(self.low)} to {f(self.high)} %)")
-        return (f"{self.median:.{digits}f}× (middle half of {self.rounds} paired rounds "
-                f"{self.q1:.{digits}f}–{self.q3:.{digits}f}; 95 % CI "
-                f"{self.low:.{digits}f}–{self.high:.{digits}f})")
+            mid = (f"middle half of {self.rounds} paired rounds {f(self.q1)} to {f(self.q3)} "
+                   "%; " if spread else "")
+            return f"{f(self.median)} % ({mid}95 % CI {f(self.low)} to {f(self.high)} %)"
+        mid = (f"middle half of {self.rounds} paired rounds {self.q1:.{digits}f}–"
+               f"{self.q3:.{digits}f}; " if spread else "")
+        return (f"{self.median:.{digits}f}× ({mid}95 % CI {self.low:.{digits}f}–"
+                f"{self.high:.{digits}f})")
 
     def as_dict(self) -> dict[str, Any]:
         """The figures for a results file (rounded to 4 decimals)."""
