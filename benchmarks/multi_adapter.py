@@ -231,7 +231,7 @@ def layer_sweep(device: torch.device, cfg: dict, rounds: int) -> dict:
             worst = max(worst, picked - 1)  # picked / faster − 1, or 0 if it is the faster
         regret[m] = round(worst, 4)
     best_m = min(regret, key=lambda m: (regret[m], m))
-    return {"d": d, "k": d, "ranks": ranks, "requests": n_req, "rows": rows,
+    return {"d": d, "k": d, "ranks": ranks, "requests": n_req, "rounds": rounds, "rows": rows,
             "worst_slowdown_by_threshold": regret, "best_threshold": best_m,
             "statistic": "median over paired rounds of the per-round time ratio "
                          "segmented/gathered; *_us: median microseconds per layer call"}
