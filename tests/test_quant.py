@@ -693,3 +693,37 @@ def test_quantize_modules_stores_more_layers_in_4bit_without_adapters():
     with pytest.raises(ValueError, match="quantize_modules: .*matches no module"):
         inject_lora_4bit(Tiny(), LoraConfig(r=4, target_modules=["q"]),
                          quantize_modules=["nope"])
+
+
+# ----------------------------------------------------------------- chapter 13's sweep helpers
+
+def test_the_control_puts_the_fp32_adapters_unchanged_on_the_nf4_base() -> None:
+    """benchmarks/qlora_sweep.transplant: same A and B, base in NF4, nothing else trained."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from lora_edu.lora import inject_lora, lora_layers
+    from lora_edu.models import load_pretrained
+    from lora_edu.quant import Linear4bit, LoRALinear4bit
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        qs = importlib.import_module("qlora_sweep")
+    finally:
+        sys.path.remove(bench)
+    s = qs.setup()
+    fp32, _ = load_pretrained("gpt-cpu")
+    inject_lora(fp32, LoraConfig(r=8, lora_alpha=16, target_modules=qs.ALL_LINEAR))
+    with torch.no_grad():
+        for _, layer in lora_layers(fp32):
+            layer.lora_B.normal_(std=0.01)
+    moved = qs.transplant(s, fp32)
+    trained = dict(fp32.named_modules())
+    layers = [(n, m) for n, m in moved.named_modules() if isinstance(m, LoRALinear4bit)]
+    assert len(layers) == len(list(lora_layers(fp32)))
+    for name, layer in layers:
+        assert isinstance(layer.base, Linear4bit)
+        assert torch.equal(layer.lora_A, trained[name].lora_A)
+        assert torch.equal(layer.lora_B, trained[name].lora_B)

@@ -344,3 +344,66 @@ def test_dora_detach_norm_only_changes_gradients() -> None:
                                              * w(B)).T + layer.base.bias) ** 2).sum())(
         layer.lora_B.detach())
     torch.testing.assert_close(grads[False][1], exact, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- chapter 14's sweep helpers
+
+def _bench(name: str):
+    """A module of benchmarks/ (the chapters import them too)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)
+
+
+def test_choose_lr_extends_a_best_at_the_edge_until_it_is_inside() -> None:
+    vs = _bench("variants_sweep")
+    calls = []
+
+    def val_error(lr: float, seed: int) -> float:   # smallest at 6e-3, one error per seed
+        calls.append((lr, seed))
+        return math.log(lr / 6e-3) ** 2 + 0.01 * seed
+
+    choice = vs.choose_lr(val_error, [1e-3, 2e-3, 4e-3], seeds=(0, 1))
+    assert choice["lr"] == pytest.approx(8e-3) and not choice["at_edge"]
+    assert choice["grid"] == pytest.approx([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
+    assert len(calls) == 2 * len(choice["grid"])          # every rate, every selection seed
+
+
+def test_choose_lr_reports_a_best_still_at_the_edge() -> None:
+    vs = _bench("variants_sweep")
+    choice = vs.choose_lr(lambda lr, seed: -lr, [1e-3, 2e-3], seeds=(0,), max_extend=2)
+    assert choice["at_edge"] and choice["lr"] == pytest.approx(8e-3)
+
+
+def test_first_adam_step_moves_every_entry_of_b_by_the_learning_rate() -> None:
+    """The mechanism chapter 14 builds on: m̂/√v̂ is the gradient's sign at step 1."""
+    vs = _bench("variants_sweep")
+    task = vs.make_task("cpu")
+    for rs in (False, True):
+        model = vs.student(task, 4, vs.ALPHA, 0, use_rslora=rs)
+        A0 = [layer.lora_A.detach().clone() for layer in (model.l1, model.l2)]
+        opt = torch.optim.Adam(loraplus_param_groups(model, 1e-3, 1.0))
+        x = torch.randn(8, task.D)
+        torch.nn.functional.mse_loss(model(x), task.teacher(x)).backward()
+        grads = [layer.lora_B.grad.abs().clone() for layer in (model.l1, model.l2)]
+        opt.step()
+        for layer, a0, g in zip((model.l1, model.l2), A0, grads):
+            moved = layer.lora_B.detach().abs()
+            # lr · |g| / (|g| + ε): the learning rate itself unless |g| is as small as ε
+            assert torch.allclose(moved, 1e-3 * g / (g + 1e-8), rtol=1e-4, atol=1e-12)
+            assert (moved > 0.99e-3).float().mean() > 0.9
+            assert torch.equal(layer.lora_A.detach(), a0)   # A's gradient is 0 while B = 0
+
+
+def test_dora_cost_ratio_summary_is_the_median_of_per_round_ratios() -> None:
+    dc = _bench("dora_cost")
+    summary = dc.ratio_summary([2.0, 3.0, 10.0], [1.0, 2.0, 4.0])   # ratios 2, 1.5, 2.5
+    assert summary["median_ratio"] == 2.0 and summary["min"] == 1.5 and summary["max"] == 2.5
+    assert summary["rounds"] == 3
