@@ -376,7 +376,7 @@ def evaluate(args: argparse.Namespace) -> int:
                                         "selection pairs (ties: mean greedy exact match)",
                            "dare_generator": "torch.Generator().manual_seed(1000 + pair "
                                              "index), one draw per combination"},
-              "examples": {t: {"test": examples[t]["test"]} for t in TASKS}}
+              "examples": examples}
     print("base model and each report adapter alone, on test", flush=True)
     result["base_test"] = test_items()
     result["alone_test"] = {n: test_items(adapters[n]) for n in names
