@@ -36,8 +36,9 @@ combinations, as chapter 12 reports them (``benchmarks/results/combine_tasks-eva
     python benchmarks/combine_tasks.py --evaluate --n-val 8 --n-test 8 --methods cat ties \
         --lambdas 1 2 --result /tmp/x.json                      # a quick try
 
-``--lock PATH`` holds an exclusive ``flock`` on PATH while each configuration is scored and
-releases it between them (a machine shared with other heavy jobs).
+``--lock PATH`` holds an exclusive ``flock`` on PATH while one combination type of one design
+is chosen and scored (a few minutes) and releases it between them (a machine shared with other
+heavy jobs).
 """
 
 from __future__ import annotations
@@ -265,13 +266,12 @@ def cpu_lock(path: Path | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def score(model, batches: dict, adapter=None, scale: float = 1.0, lock=None) -> dict:
+def score(model, batches: dict, adapter=None, scale: float = 1.0) -> dict:
     """Per task: per-prompt answer tokens right (``hits``) and mean loss, with ``adapter``
     merged at ``scale`` (``None``: the base model)."""
-    with cpu_lock(lock):
-        ctx = merged(model, adapter, scale) if adapter else contextlib.nullcontext()
-        with ctx:
-            return {task: answer_items(model, batch) for task, batch in batches.items()}
+    ctx = merged(model, adapter, scale) if adapter else contextlib.nullcontext()
+    with ctx:
+        return {task: answer_items(model, batch) for task, batch in batches.items()}
 
 
 def summary(items: dict) -> dict:
@@ -297,7 +297,7 @@ def combination(adapters: dict, pair: tuple[str, str], method: str, index: int) 
         generator=torch.Generator().manual_seed(1000 + index))
 
 
-def choose_lambda(model, adapters, batches, design, method, grid, lock) -> dict:
+def choose_lambda(model, adapters, batches, design, method, grid) -> dict:
     """Score the λ grid on validation with the selection pairs; extend it while the best λ is
     at an edge (up to 4 steps each way); return every point and the choice."""
     combos = [combination(adapters, p, method, i)
@@ -307,7 +307,7 @@ def choose_lambda(model, adapters, batches, design, method, grid, lock) -> dict:
     def run(lam: float) -> None:
         lam = round(lam, 4)
         if lam not in points:
-            points[lam] = [summary(score(model, batches, c, lam, lock)) for c in combos]
+            points[lam] = [summary(score(model, batches, c, lam)) for c in combos]
             tok, em = _val_key(points[lam])
             print(f"  {design:11s} {method:15s} λ={lam:<6g} validation: token accuracy "
                   f"{tok:.3f}, exact match {em:.3f}", flush=True)
@@ -358,7 +358,7 @@ def evaluate(args: argparse.Namespace) -> int:
     assert set(lengths.values()) == {ANSWER_TOKENS}, lengths
 
     def test_items(adapter=None, scale=1.0) -> dict:
-        got = score(model, batches["test"], adapter, scale, args.lock)
+        got = score(model, batches["test"], adapter, scale)
         return {t: {"hits": hits_string(g["hits"]), "loss": float(g["loss"].mean())}
                 for t, g in got.items()}
 
@@ -378,20 +378,22 @@ def evaluate(args: argparse.Namespace) -> int:
                                              "index), one draw per combination"},
               "examples": examples}
     print("base model and each report adapter alone, on test", flush=True)
-    result["base_test"] = test_items()
-    result["alone_test"] = {n: test_items(adapters[n]) for n in names
-                            if int(n.rsplit("-s", 1)[1]) in REPORT_SEEDS}
+    with cpu_lock(args.lock):
+        result["base_test"] = test_items()
+        result["alone_test"] = {n: test_items(adapters[n]) for n in names
+                                if int(n.rsplit("-s", 1)[1]) in REPORT_SEEDS}
     result["selection"], result["test"] = {}, {}
     for design in args.designs:
         result["selection"][design], result["test"][design] = {}, {}
         for method in args.methods:
-            chosen = choose_lambda(model, adapters, batches["validation"], design, method,
-                                   args.lambdas, args.lock)
+            with cpu_lock(args.lock):
+                chosen = choose_lambda(model, adapters, batches["validation"], design, method,
+                                       args.lambdas)
+                report = []
+                for i, pair in enumerate(pairs(design, REPORT_SEEDS)):
+                    combo = combination(adapters, pair, method, i)
+                    report.append({"pair": pair, **test_items(combo, chosen["chosen"])})
             result["selection"][design][method] = chosen
-            report = []
-            for i, pair in enumerate(pairs(design, REPORT_SEEDS)):
-                combo = combination(adapters, pair, method, i)
-                report.append({"pair": pair, **test_items(combo, chosen["chosen"])})
             result["test"][design][method] = {"lambda": chosen["chosen"], "pairs": report}
             em = {t: sum(r[t]["hits"].count(str(ANSWER_TOKENS)) for r in report)
                   / (len(report) * args.n_test) for t in TASKS}
