@@ -253,6 +253,32 @@ def test_factorise_snapshots_are_the_factors_at_those_steps():
         factorise(W, 2, steps=3, snapshots=[4])
 
 
+def test_one_gradient_step_changes_the_gram_excess_by_exactly_lr_squared_terms():
+    """Chapter 3: C = AAᵀ − BᵀB moves by lr²(∇_A∇_Aᵀ − ∇_Bᵀ∇_B) per plain GD step, exactly."""
+    W = gaussian(7, 5, 6)
+    lr = 0.05
+    fit = factorise(W, 2, steps=3, lr=lr, init="small", init_scale=0.5, seed=1,
+                    snapshots=[0, 1, 2, 3])
+    for t in range(3):
+        (B, A), (B1, A1) = fit.snapshots[t], fit.snapshots[t + 1]
+        E = B @ A - W
+        grad_B, grad_A = E @ A.T, B.T @ E
+        change = (A1 @ A1.T - B1.T @ B1) - (A @ A.T - B.T @ B)
+        predicted = lr ** 2 * (grad_A @ grad_A.T - grad_B.T @ grad_B)
+        assert torch.allclose(change, predicted, atol=1e-13)
+        assert float(predicted.abs().max()) > 1e-6      # not trivially zero
+
+
+def test_factorise_adamw_is_adam_with_decoupled_weight_decay():
+    W = gaussian(6, 5, 7)
+    adam = factorise(W, 2, steps=1, lr=0.01, optimizer="adam", init="small", seed=2)
+    adamw = factorise(W, 2, steps=1, lr=0.01, optimizer="adamw", init="small", seed=2)
+    B0, A0 = init_factors(6, 5, 2, "small", seed=2, dtype=torch.float64)
+    # AdamW first shrinks the weights by (1 − lr·0.01), then takes Adam's step
+    assert torch.allclose(adamw.B, adam.B - 0.01 * 0.01 * B0, atol=1e-15)
+    assert torch.allclose(adamw.A, adam.A - 0.01 * 0.01 * A0, atol=1e-15)
+
+
 # --------------------------------------------------------------------------- counting
 
 def test_parameter_counts():

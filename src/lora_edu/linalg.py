@@ -297,7 +297,8 @@ def init_factors(d: int, k: int, r: int, init: Literal["lora", "small", "zero"] 
 
 
 def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
-              optimizer: Literal["gd", "adam"] = "gd", init: Literal["lora", "small", "zero"]
+              optimizer: Literal["gd", "adam", "adamw"] = "gd",
+              init: Literal["lora", "small", "zero"]
               = "lora", init_scale: float = 1.0, seed: int = 0,
               start: tuple[torch.Tensor, torch.Tensor] | None = None,
               lr_lambda: Callable[[int], float] | None = None,
@@ -308,9 +309,11 @@ def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
         W: the target, d×k (real floating point; the factors get its dtype).
         r: the rank of the factorisation, ``1 ≤ r ≤ min(d, k)``.
         steps: number of optimiser steps.
-        lr: step size. Plain gradient descent needs ``lr`` below about ``1/σ_1(W)``: near
-            a balanced optimum the largest curvature is about ``‖A‖₂² + ‖B‖₂² ≈ 2σ_1``.
-        optimizer: ``"gd"`` (``torch.optim.SGD`` without momentum) or ``"adam"``.
+        lr: step size. Plain gradient descent can settle at a minimum only for ``lr`` below
+            ``1/σ_1(W)``: at every minimum the Hessian's largest eigenvalue is at least
+            ``‖A‖₂² + ‖B‖₂² ≥ 2σ_1`` (chapter 3, Solution 3).
+        optimizer: ``"gd"`` (``torch.optim.SGD`` without momentum), ``"adam"`` or ``"adamw"``
+            (``torch.optim.AdamW`` with PyTorch's default weight decay, 0.01).
         init, init_scale, seed: passed to :func:`init_factors` (LoRA's start by default).
         start: optional starting factors ``(B0, A0)`` of shapes (d×r, r×k), used instead of
             ``init`` (copied, never modified).
@@ -327,8 +330,8 @@ def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
     steps = _check_positive_int(steps, "steps")
     lr = _check_positive_float(lr, "lr")
     init_scale = _check_positive_float(init_scale, "init_scale", allow_zero=True)
-    if optimizer not in ("gd", "adam"):
-        raise ValueError(f"optimizer must be 'gd' or 'adam', got {optimizer!r}")
+    if optimizer not in ("gd", "adam", "adamw"):
+        raise ValueError(f"optimizer must be 'gd', 'adam' or 'adamw', got {optimizer!r}")
     if lr_lambda is not None and not callable(lr_lambda):
         raise TypeError(f"lr_lambda must be a callable step -> factor, got "
                         f"{type(lr_lambda).__name__}")
@@ -349,7 +352,8 @@ def factorise(W: MatrixLike, r: int, *, steps: int = 1000, lr: float = 0.05,
         B0, A0 = B0.detach().clone().to(W.dtype), A0.detach().clone().to(W.dtype)
     B = B0.to(W.device).requires_grad_()
     A = A0.to(W.device).requires_grad_()
-    opt_cls = torch.optim.SGD if optimizer == "gd" else torch.optim.Adam
+    opt_cls = {"gd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[
+        optimizer]
     opt = opt_cls([B, A], lr=lr)
     schedule = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
                 if lr_lambda is not None else None)
