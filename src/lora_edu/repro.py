@@ -14,7 +14,8 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_SEED", "seed_all", "configure_deterministic_mode", "get_device"]
+__all__ = ["DEFAULT_SEED", "DEVICE_ENV", "configure_deterministic_mode", "get_device",
+           "seed_all"]
 
 #: The seed every chapter uses unless it says otherwise.
 DEFAULT_SEED = 1992
@@ -71,11 +72,47 @@ def configure_deterministic_mode() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+#: Environment variable that overrides :func:`get_device`'s choice ("cpu", "cuda" or "mps").
+DEVICE_ENV = "LORA_EDU_DEVICE"
+
+_DEVICE_TYPES = ("cuda", "mps", "cpu")
+
+
+def _available(kind: str) -> bool:
+    """Whether this runtime can compute on ``kind`` ("cuda", "mps" or "cpu")."""
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)  # absent from some minimal builds
+        return mps is not None and mps.is_available()
+    return True
+
+
 def get_device() -> torch.device:
-    """The best device this runtime has: CUDA, then Apple's MPS, then the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The device the chapters compute on: CUDA, then Apple's MPS, then the CPU.
+
+    Set the environment variable ``LORA_EDU_DEVICE`` to ``cpu``, ``cuda`` or ``mps`` to choose
+    instead (for example ``cpu`` on a Mac, to run a chapter exactly as the book was built).
+
+    The book runs on all three, under one rule. MPS has no float64, so float64 work stays on
+    the CPU: create float64 tensors without ``device=`` and never move them to this device
+    (cast to float32 first). Tensors that meet in one operation are on one device.
+    ``tests/test_repro.py`` scans every chapter's code for float64 sent to the device.
+
+    Raises:
+        ValueError: ``LORA_EDU_DEVICE`` names an unknown device type, or one this runtime
+            does not have.
+    """
+    wanted = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if wanted:
+        if wanted not in _DEVICE_TYPES:
+            raise ValueError(f"{DEVICE_ENV}={wanted!r} is not a device type: use one of "
+                             f"{', '.join(_DEVICE_TYPES)}, or unset it to choose automatically")
+        if not _available(wanted):
+            raise ValueError(f"{DEVICE_ENV}={wanted!r}, but this runtime has no {wanted} "
+                             f"device: unset {DEVICE_ENV} or set it to cpu")
+        return torch.device(wanted)
+    for kind in _DEVICE_TYPES:
+        if _available(kind):
+            return torch.device(kind)
+    return torch.device("cpu")  # unreachable: the CPU is always available
