@@ -77,7 +77,7 @@ DESIGNS = ("independent", "shared")
 #: factor-wise linear and ties, and TIES / DARE on the full updates.
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear_svd", "dare_ties_svd")
 #: The λ grid every type starts from (a factor √2 apart), extended while the best is at an edge.
-LAMBDAS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
+LAMBDAS = (0.35, 0.5, 0.7, 1.0, 1.4)
 DENSITY, SVD_RANK = 0.5, 8
 #: Every answer of the letter tasks is 5 tokens (5 letters, one token each).
 ANSWER_TOKENS = 5
@@ -150,7 +150,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
-    parser.add_argument("--n-val", type=int, default=128, help="validation prompts per task")
+    parser.add_argument("--n-val", type=int, default=96, help="validation prompts per task")
     parser.add_argument("--n-test", type=int, default=512, help="test prompts per task")
     parser.add_argument("--adapters", type=Path, default=ASSETS,
                         help="with --evaluate: the directory of the adapters to combine")
