@@ -468,3 +468,17 @@ def test_transfer_experiment_refuses_bad_input():
         small_experiment(projection="dense")
     with pytest.raises(ValueError, match="n_class must satisfy"):
         small_experiment(n_class=1)
+
+
+def test_transfer_experiment_variant_shares_the_pretrained_network():
+    ex = small_experiment()
+    base = ex.pretrained()
+    own, sparse = ex.variant(task_b_teacher=5), ex.variant(projection="sparse")
+    assert own.pretrained() is base and sparse.pretrained() is base
+    assert torch.equal(own.task_b.y, small_experiment(task_b_teacher=5).task_b.y)
+    assert sparse.projection == "sparse" and ex.projection == "hadamard"
+    assert torch.equal(sparse.task_b.X, ex.task_b.X)
+    assert own.run("did", 40, 1e-2, 0) == small_experiment(task_b_teacher=5).run("did", 40,
+                                                                                  1e-2, 0)
+    with pytest.raises(ValueError, match="projection must be"):
+        ex.variant(projection="dense")

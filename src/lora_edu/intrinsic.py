@@ -223,9 +223,9 @@ class HadamardProjection(nn.Module):
 
         ``H`` is applied as the Kronecker product ``H_a ⊗ H_b`` of two small Hadamard
         matrices (``a·b = L``, Sylvester's construction): ``H x = vec(H_a X H_b)`` for ``X``
-        the ``a×b`` reshaping of ``x``. That is ``L(a + b)`` multiply-adds in two matrix
-        products, where :func:`fwht` (the reference, ``L log2 L`` additions) needs
-        ``log2 L`` passes; in PyTorch the two products are several times faster. Only the
+        the ``a×b`` reshaping of ``x``. That is ``L(a + b)`` multiply-adds (about
+        ``2 L √L``) in two library matrix products; :func:`fwht`, the reference the tests
+        compare with, needs only ``L log2 L`` additions but ``log2 L`` passes. Only the
         ``a² + b²`` entries of the factors are kept (cached per size, device and dtype).
         """
         _check_vector(z, self.d)
@@ -448,6 +448,7 @@ class TransferExperiment:
             raise ValueError(f"projection must be 'sparse' or 'hadamard', got {projection!r}")
         self.n_in, self.n_feat, self.n_class, self.width = n_in, n_feat, n_class, width
         self.n_val, self.n_test, self.steps, self.pre_lr = n_val, n_test, steps, pre_lr
+        self.n_b = n_b
         self.projection = projection
         self.task_a = self._task(seed=1, n_train=n_a, teacher_seed=0)
         self.task_b = self._task(seed=2, n_train=n_b, teacher_seed=task_b_teacher)
@@ -464,6 +465,23 @@ class TransferExperiment:
         y = (torch.sin(X @ teacher.T) @ readout.T).argmax(dim=1)
         cuts = (n_train, self.n_val, self.n_test)
         return TaskSplits(*(t for pair in zip(X.split(cuts), y.split(cuts)) for t in pair))
+
+    def variant(self, task_b_teacher: int | None = None, projection: str | None = None
+                ) -> TransferExperiment:
+        """The same experiment with task B's teacher or the projection changed.
+
+        Task A and the pretrained networks are shared with ``self`` (nothing is retrained),
+        so a variant's runs start from exactly the same networks.
+        """
+        out = copy.copy(self)   # shallow: the cache of pretrained networks is shared
+        if projection is not None:
+            if projection not in ("sparse", "hadamard"):
+                raise ValueError(f"projection must be 'sparse' or 'hadamard', got {projection!r}")
+            out.projection = projection
+        if task_b_teacher is not None:
+            _check_int(task_b_teacher, "task_b_teacher", 0)
+            out.task_b = self._task(seed=2, n_train=self.n_b, teacher_seed=task_b_teacher)
+        return out
 
     def student(self, seed: int) -> nn.Sequential:
         """A freshly initialised ``n_in–width–width–n_class`` ReLU network (seeded)."""
