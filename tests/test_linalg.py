@@ -132,6 +132,37 @@ def test_random_rank_r_candidates_never_beat_truncated_svd(case):
             assert float(torch.linalg.matrix_norm(W - C, 2)) >= best_two - 1e-10
 
 
+@FAST
+@given(shape_and_rank())
+def test_low_rank_approx_is_best_in_every_unitarily_invariant_norm(case):
+    """Mirsky, as low_rank_approx's docstring states: σ_i(W − M) ≥ σ_{i+r}(W) for every i
+    and every M of rank ≤ r, so every Ky Fan and Schatten norm of W − M is ≥ that of W − W_r."""
+    d, k, r, seed = case
+    W = gaussian(d, k, seed)
+    s = torch.linalg.svdvals(W)
+    tail = torch.cat([s[r:], torch.zeros(r, dtype=s.dtype)])      # σ(W − W_r), padded
+    torch.testing.assert_close(torch.linalg.svdvals(W - low_rank_approx(W, r)), tail)
+    g = torch.Generator().manual_seed(seed + 11)
+    near = low_rank_approx(W, r) + 0.1 * torch.randn(d, k, generator=g, dtype=W.dtype)
+    for M in (torch.randn(d, r, generator=g, dtype=W.dtype)
+              @ torch.randn(r, k, generator=g, dtype=W.dtype),
+              low_rank_approx(near, r)):                             # a close competitor
+        sv = torch.linalg.svdvals(W - M)
+        assert bool((sv >= tail - 1e-10).all())                      # Weyl, entry by entry
+        for j in range(1, sv.numel() + 1):                           # Ky Fan j-norms
+            assert float(sv[:j].sum()) >= float(tail[:j].sum()) - 1e-10
+        for p in (1, 3):                                             # Schatten p-norms
+            assert float(sv.pow(p).sum()) >= float(tail.pow(p).sum()) * (1 - 1e-12)
+
+
+def test_best_approximation_when_rank_w_is_at_most_r_is_w_itself():
+    """σ_r = σ_{r+1} = 0 (rank W < r): the tie is harmless, the minimiser is W, error 0."""
+    W = spectrum_matrix(7, 6, torch.tensor([3.0, 1.0], dtype=torch.float64), 5)   # rank 2
+    for r in (2, 3, 4):
+        torch.testing.assert_close(low_rank_approx(W, r), W)
+        assert eckart_young_error(W, r) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_truncated_svd_factors_shapes_and_orthonormality():
     W = gaussian(9, 6, 3)
     U, S, Vh = truncated_svd(W, 4)

@@ -182,7 +182,8 @@ def numerical_rank(W: MatrixLike, tol: float | None = None) -> int:
 def truncated_svd(W: MatrixLike, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-r part of the SVD: ``U_r`` (d×r), ``σ_{1..r}`` (r,), ``V_rᵀ`` (r×k).
 
-    ``W_r = U_r diag(σ_{1..r}) V_rᵀ`` is the best rank-r approximation of ``W``.
+    ``W_r = U_r diag(σ_{1..r}) V_rᵀ`` is a best rank-r approximation of ``W`` (see
+    :func:`low_rank_approx` for when it is the only one).
     """
     W = as_matrix(W)
     r = _check_rank(r, W)
@@ -191,10 +192,14 @@ def truncated_svd(W: MatrixLike, r: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def low_rank_approx(W: MatrixLike, r: int) -> torch.Tensor:
-    """The best rank-r approximation ``W_r = Σ_{i≤r} σ_i u_i v_iᵀ`` of ``W`` (d×k → d×k).
+    """A best rank-r approximation ``W_r = Σ_{i≤r} σ_i u_i v_iᵀ`` of ``W`` (d×k → d×k).
 
-    Best in every unitarily invariant norm (Eckart–Young–Mirsky), in particular
-    ``‖W − W_r‖_F² = Σ_{i>r} σ_i²`` and ``‖W − W_r‖₂ = σ_{r+1}``.
+    Best in every unitarily invariant norm (Eckart–Young–Mirsky): ``‖W − M‖ ≥ ‖W − W_r‖ =
+    ‖diag(σ_{r+1}, …)‖`` for every ``M`` of rank ≤ r, in particular ``‖W − W_r‖_F² =
+    Σ_{i>r} σ_i²``, ``‖W − W_r‖₂ = σ_{r+1}`` and ``‖W − W_r‖_* = Σ_{i>r} σ_i`` (nuclear).
+    In the Frobenius norm it is the only minimiser exactly when ``σ_r > σ_{r+1}`` or
+    ``σ_{r+1} = 0`` (then ``W_r = W``); in the spectral norm it is never the only one once
+    ``σ_{r+1} > 0``. Under a tie ``σ_r = σ_{r+1} > 0`` the SVD routine picks one of many.
     """
     U, S, Vh = truncated_svd(W, r)
     return (U * S) @ Vh  # scales column i of U by σ_i, without forming diag(σ)
