@@ -22,7 +22,8 @@ combinations, as chapter 12 reports them (``benchmarks/results/combine_tasks-eva
 
 * two designs: **independent** pairs (``reverse-s{i}`` with ``shift-s{i+1}``: different seeds,
   so different initial A) and the **shared**-start control (``reverse-s{i}`` with
-  ``shift-s{i}``: one seed, one initial A for both tasks);
+  ``shift-s{i}``: one seed, one initial A for both tasks), the control for
+  :data:`CONTROL_METHODS`;
 * every combination type of :data:`METHODS` gets its overall scale λ (``W0 + λ ΔW``) chosen on
   a **validation** split with the **selection seeds** 0–2 (the grid :data:`LAMBDAS`, extended
   while the best is at its edge), by mean per-token accuracy over both tasks;
@@ -76,6 +77,8 @@ DESIGNS = ("independent", "shared")
 #: The combination types compared: task arithmetic exact (cat) and re-compressed (svd), PEFT's
 #: factor-wise linear and ties, and TIES / DARE on the full updates.
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear_svd", "dare_ties_svd")
+#: The shared-start control repeats the types whose arithmetic is or is not basis-dependent.
+CONTROL_METHODS = ("linear", "cat", "svd", "ties", "ties_svd")
 #: The λ grid every type starts from (a factor √2 apart), extended while the best is at an edge.
 LAMBDAS = (0.35, 0.5, 0.7, 1.0, 1.4)
 DENSITY, SVD_RANK = 0.5, 8
@@ -150,8 +153,10 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
-    parser.add_argument("--n-val", type=int, default=96, help="validation prompts per task")
-    parser.add_argument("--n-test", type=int, default=512, help="test prompts per task")
+    parser.add_argument("--control-methods", nargs="+", default=list(CONTROL_METHODS),
+                        help="the types the shared-start control repeats")
+    parser.add_argument("--n-val", type=int, default=64, help="validation prompts per task")
+    parser.add_argument("--n-test", type=int, default=256, help="test prompts per task")
     parser.add_argument("--adapters", type=Path, default=ASSETS,
                         help="with --evaluate: the directory of the adapters to combine")
     parser.add_argument("--lock", type=Path, default=None,
@@ -363,7 +368,8 @@ def evaluate(args: argparse.Namespace) -> int:
                 for t, g in got.items()}
 
     result = {**provenance("combine_tasks", device), "git_commit": commit,
-              "settings": {"methods": args.methods, "designs": args.designs,
+              "settings": {"methods": args.methods, "control_methods": args.control_methods,
+                           "designs": args.designs,
                            "lambda_grid": args.lambdas, "density": DENSITY,
                            "svd_rank": SVD_RANK, "weights": [1.0, 1.0],
                            "select_seeds": SELECT_SEEDS, "report_seeds": REPORT_SEEDS,
@@ -385,7 +391,7 @@ def evaluate(args: argparse.Namespace) -> int:
     result["selection"], result["test"] = {}, {}
     for design in args.designs:
         result["selection"][design], result["test"][design] = {}, {}
-        for method in args.methods:
+        for method in (args.control_methods if design == "shared" else args.methods):
             with cpu_lock(args.lock):
                 chosen = choose_lambda(model, adapters, batches["validation"], design, method,
                                        args.lambdas)
