@@ -12,8 +12,10 @@ Each module is named after the idea it teaches:
 ``train``      one training loop with measurements
 ``pretrained`` the real model, SmolLM2-135M-Instruct, from the package registry
 ``tasks`` ``sft``  an offline task and supervised fine-tuning of the real model
+``classifier`` the real model as a sequence classifier: LoRA plus a trained head
 ``ledger``     where a training step's memory and FLOPs go
-``stats``      seed bands: when a difference between methods counts
+``stats``      paired and independent differences, intervals, the verdict a chapter glues
+``sweep``      reading chapter 8's committed sweep (runs, per-seed and per-question scores)
 ``distributed`` LoRA under DDP and FSDP2
 ``fused``      LoRA on fused projections (the paper's MergedLinear)
 ``combine``    combining adapters (task arithmetic, TIES, DARE, SVD)
