@@ -361,12 +361,137 @@ def ddp_vs_fsdp() -> str:
                "gradient of its own shard, and updates only that shard.", b)
 
 
+def lora_targets() -> str:
+    """Chapter 7: where W_q and W_v sit in a pre-norm transformer block."""
+    b = []
+    cx, w = 290, 150                      # the main column's centre and box width
+    lora = ("#fff4e6", A_COL[1])          # an adapted projection: frozen W plus trained BA
+
+    def box(y, label, sub=None, col=FROZEN, width=w, x=None):
+        x = cx - width / 2 if x is None else x
+        out = [rect(x, y, width, 38, col), text(x + width / 2, y + (17 if sub else 25), label,
+                                                 "t")]
+        if sub:
+            out.append(text(x + width / 2, y + 32, sub, "s"))
+        return out
+
+    def adapted(x, y, name):
+        return [rect(x, y, 112, 52, lora, sw=2.2), text(x + 56, y + 20, f"W_{{{name}}}", "math"),
+                text(x + 56, y + 41, "+ s·B A", "t")]
+
+    # the residual stream enters at the top
+    b += [text(cx, 24, "x: the residual stream, T tokens × d_{model}", "t")]
+    b += [line([(cx, 32), (cx, 52)]), *box(54, "LayerNorm (ln1)")]
+    b += [line([(cx, 92), (cx, 106)]), line([(cx - 175, 106), (cx + 175, 106)], arrow=False)]
+    qkv = {"q": cx - 231, "k": cx - 56, "v": cx + 119}
+    for name, x in qkv.items():
+        b += [line([(x + 56, 106), (x + 56, 120)])]
+        b += (adapted(x, 122, name) if name in "qv"
+              else [rect(x, 122, 112, 52, FROZEN), text(x + 56, 144, f"W_{{{name}}}", "math"),
+                    text(x + 56, 165, "frozen", "s")])
+        b += [line([(x + 56, 174), (x + 56, 196)])]
+    b += [text(qkv["q"] + 56, 190, "queries", "s", anchor="end", dx=-8),
+          text(qkv["v"] + 56, 190, "values", "s", anchor="start", dx=8)]
+    b += [rect(cx - 231, 198, 462, 44, ("#ffffff", INK)),
+          text(cx, 218, "attention, per head: softmax(q k^{⊤} / √d_{head} + mask) v", "t"),
+          text(cx, 235, "no weights of its own", "s")]
+    b += [line([(cx, 242), (cx, 256)]), *box(258, "W_{o}", "frozen")]
+    # residual add 1
+    b += [line([(cx, 296), (cx, 312)]), circle(cx, 330, 16, label="+", cls="h"),
+          path(f"M {cx} 40 L {cx - 270} 40 L {cx - 270} 330 L {cx - 18} 330")]
+    b += [line([(cx, 346), (cx, 360)]), *box(362, "LayerNorm (ln2)")]
+    b += [line([(cx, 400), (cx, 414)]), *box(416, "fc1 → GELU → fc2", "MLP, frozen", width=200)]
+    b += [line([(cx, 454), (cx, 470)]), circle(cx, 488, 16, label="+", cls="h"),
+          path(f"M {cx} 353 L {cx + 150} 353 L {cx + 150} 488 L {cx + 18} 488", arrow=True)]
+    b += [line([(cx, 504), (cx, 524)]), text(cx, 540, "to the next block", "s")]
+    # legend and the three choices
+    y = 572
+    b += [rect(20, y - 12, 16, 14, FROZEN, rx=2), text(42, y, "frozen", "s", anchor="start"),
+          rect(110, y - 12, 16, 14, lora, rx=2),
+          text(132, y, "adapted: W stays frozen, B and A train", "s", anchor="start")]
+    b += [text(20, y + 28, "The paper (and this chapter): W_{q} and W_{v} in every block.", "s",
+               anchor="start"),
+          text(20, y + 48, "PEFT's \"all-linear\": W_{q}, W_{k}, W_{v}, W_{o}, fc1 and fc2 "
+               "(not the output layer).", "s", anchor="start")]
+    return svg("lora-targets", 580, y + 64, "Where LoRA goes in a transformer block",
+               "A pre-norm transformer block, top to bottom. The residual stream x goes through "
+               "LayerNorm ln1 and then into three projections side by side: W_q, W_k and W_v. "
+               "W_q and W_v are adapted with LoRA (the frozen weight plus a trained s times B A); "
+               "W_k is frozen. Queries, keys and values meet in attention, softmax of q k "
+               "transposed over the square root of the head size plus the causal mask, times v, "
+               "which has no weights of its own. The output projection W_o is frozen. A "
+               "residual connection adds the block's input back. Then LayerNorm ln2, the frozen "
+               "MLP (fc1, GELU, fc2), and a second residual addition lead to the next block. "
+               "The paper adapts W_q and W_v in every block; PEFT's all-linear adapts every "
+               "linear layer of the block but not the model's output layer.", b)
+
+
+def fused_c_attn() -> str:
+    """Chapter 7: GPT-2's fused c_attn and the two ways to put LoRA on it."""
+    b = []
+    sl = [("q", ADAPTER[0]), ("k", FROZEN), ("v", ADAPTER[2])]
+    x0, cw = 110, 150                     # left edge of the weight, width of one slice
+
+    def weight(y, cols, tags):
+        out = [text(x0 - 14, y + 44, "W", "big", anchor="end"),
+               text(x0 - 14, y + 66, "k × 3d", "s", anchor="end")]
+        for i, ((name, _), col, tag) in enumerate(zip(sl, cols, tags)):
+            out += [rect(x0 + cw * i, y, cw, 80, col, rx=2),
+                    text(x0 + cw * i + cw / 2, y + 36, f"W_{{{name}}}", "math"),
+                    text(x0 + cw * i + cw / 2, y + 60, tag, "s")]
+        return out
+
+    # the layer itself
+    b += [text(20, 28, "GPT-2's c_attn: q, k and v from one Conv1D", "h", anchor="start"),
+          text(20, 50, "weight k × 3d (nn.Linear's transpose): x W = [q | k | v]", "t",
+               anchor="start")]
+    b += weight(66, [c for _, c in sl], ["columns 0 … d−1", "columns d … 2d−1",
+                                         "columns 2d … 3d−1"])
+    # PEFT's plain LoRA on c_attn
+    y = 190
+    b += [text(20, y, "PEFT's LoRA on c_attn: one B A over all 3d outputs", "b",
+               anchor="start")]
+    b += [rect(x0, y + 14, 3 * cw, 30, B_COL, rx=3),
+          text(x0 + 1.5 * cw, y + 35, "one update s·(B A)^{⊤}, B: 3d × r, A: r × k", "t"),
+          text(x0 + 1.5 * cw, y + 64, "one shared A; W_{k} changes too", "s")]
+    # MergedLinear
+    y = 290
+    b += [text(20, y, "loralib's MergedLinear, enable_lora = [True, False, True]", "b",
+               anchor="start")]
+    for i, (name, col) in enumerate(sl):
+        x = x0 + cw * i
+        if name == "k":
+            b += [rect(x + 6, y + 14, cw - 12, 30, ("#ffffff", MUTED), rx=3, dash=True),
+                  text(x + cw / 2, y + 35, "no adapter", "s")]
+        else:
+            b += [rect(x + 6, y + 14, cw - 12, 30, B_COL, rx=3),
+                  text(x + cw / 2, y + 35, f"B_{{{name}}} A_{{{name}}}", "t")]
+    b += [text(x0 + 1.5 * cw, y + 64, "own A_{i} (r × k) and B_{i} (d × r) per enabled slice; "
+               "W_{k} exact", "s")]
+    b += [text(20, y + 100, "The same function is a rank-2r LoRA whose A stacks A_{q}, A_{v} and "
+               "whose B", "s", anchor="start"),
+          text(20, y + 120, "is block-diagonal with zero rows for k: training it as plain "
+               "LoRA would fill them.", "s", anchor="start")]
+    return svg("fused-c-attn", 580, y + 136, "GPT-2's fused c_attn and LoRA",
+               "GPT-2's c_attn is one Conv1D whose weight, k by 3d (the transpose of "
+               "nn.Linear's layout), holds W_q, W_k and W_v side by side: columns 0 to d minus "
+               "1 give the queries, d to 2d minus 1 the keys, 2d to 3d minus 1 the values. "
+               "PEFT's LoRA on c_attn adds one update s times (B A) transposed across all 3d "
+               "output columns, with one shared A, so W_k changes too. loralib's MergedLinear "
+               "with enable_lora = [True, False, True] gives the q slice and the v slice their "
+               "own A and B and the k slice none, so W_k stays exact. The same function is a "
+               "rank-2r LoRA with A_q and A_v stacked and a block-diagonal B with zero rows "
+               "for k.", b)
+
+
 DIAGRAMS = {
     "lora_layer.svg": lora_layer,
     "merging.svg": merging,
     "multi_adapter_batching.svg": multi_adapter_batching,
     "qlora_dataflow.svg": qlora_dataflow,
     "ddp_vs_fsdp.svg": ddp_vs_fsdp,
+    "lora_targets.svg": lora_targets,
+    "fused_c_attn.svg": fused_c_attn,
 }
 
 
