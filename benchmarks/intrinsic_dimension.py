@@ -10,6 +10,9 @@ what a seed fixes):
 
 * the pretrained start (task A, 1,000 steps): full fine-tuning, the head alone, LoRA + head at
   ranks 1-8, DID and SAID at every ``d`` of the grid, DID with a sparse ``P`` (Exercise 1);
+* DID at exactly as many trained numbers as the head alone and as each LoRA + head, so that
+  those comparisons are made at equal numbers (these ``d`` are outside the doubling grid and
+  take no part in ``d90`` or in the one-rate control);
 * the start from scratch: full training and DID;
 * DID on the pretrained start with **one** learning rate for every ``d`` (the rate whose mean
   validation accuracy over all ``d`` is best), against the rate tuned for each ``d``;
@@ -17,7 +20,7 @@ what a seed fixes):
 * a task B with a teacher of its own (Exercise 4): full training and DID from both starts.
 
 Writes ``benchmarks/results/intrinsic_dimension-cpu.json`` (accuracies, no timings). About
-15 minutes on one CPU core.
+16 minutes on one idle CPU core.
 
     python benchmarks/intrinsic_dimension.py
     python benchmarks/intrinsic_dimension.py --quick --out /tmp/id.json   # a smoke test
@@ -34,9 +37,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import provenance, write_result  # noqa: E402
+from _provenance import provenance, write_result
 
-from lora_edu.intrinsic import TransferExperiment  # noqa: E402
+from lora_edu.intrinsic import TransferExperiment
 
 GRID = [m * 10.0 ** e for e in range(-5, 2) for m in (1, 3)]   # 1e-5 ... 30, ×3 / ×3.3
 WINDOW = (1e-4, 1.0)                                             # where every arm starts
@@ -110,9 +113,12 @@ def main() -> int:
     ex = TransferExperiment(**settings)
     own = TransferExperiment(**settings, task_b_teacher=OWN_TEACHER)
     sparse = TransferExperiment(**settings, projection="sparse")
+    # DID at the head's and each LoRA rank's number of trained numbers (off the grid)
+    equal_dims = sorted({ex.trainable(m, r) for m, r in [("head", 0)]
+                         + [("lora", r) for r in LORA_RANKS]} - set(DIMS))
     result = {**provenance("intrinsic_dimension", device), "settings": {
         **settings, "D": ex.D, "n_val": ex.n_val, "n_test": ex.n_test, "dims": DIMS,
-        "lora_ranks": LORA_RANKS, "grid": GRID, "window": list(WINDOW),
+        "lora_ranks": LORA_RANKS, "equal_dims": equal_dims, "grid": GRID, "window": list(WINDOW),
         "select_seeds": list(SELECT_SEEDS), "report_seeds": list(REPORT_SEEDS),
         "pre_steps": PRE_STEPS, "pre_sweep": PRE_SWEEP, "own_teacher": OWN_TEACHER},
         "configs": []}
@@ -130,6 +136,8 @@ def main() -> int:
     add(ex, "head", 0)
     for r in LORA_RANKS:
         add(ex, "lora", r)
+    for n in equal_dims:
+        add(ex, "did", n, log="[equal numbers] ")
     for d in DIMS:
         add(ex, "said", d)
     for d in DIMS:
@@ -137,7 +145,7 @@ def main() -> int:
 
     print("one learning rate for every d", flush=True)
     did = [c for c in configs if c["method"] == "did" and c["start"] == "pretrained"
-           and c["projection"] == "hadamard"]
+           and c["projection"] == "hadamard" and c["size"] in DIMS]
     common = set.intersection(*({s["lr"] for s in c["selection"]} for c in did))
     mean_val = {lr: float(np.mean([np.mean(next(s["val"] for s in c["selection"]
                                                  if s["lr"] == lr)) for c in did]))
