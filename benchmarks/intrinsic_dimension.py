@@ -22,13 +22,14 @@ what a seed fixes):
 Writes ``benchmarks/results/intrinsic_dimension-cpu.json`` (accuracies, no timings). About
 16 minutes on one idle CPU core.
 
-    python benchmarks/intrinsic_dimension.py
+    python benchmarks/intrinsic_dimension.py --workers 2     # about 8 minutes on 2 cores
     python benchmarks/intrinsic_dimension.py --quick --out /tmp/id.json   # a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -95,14 +96,39 @@ def config(ex: TransferExperiment, method: str, size: int, start: str = "pretrai
             "report": report(ex, method, size, tuned["best_lr"], start, pre_steps)}
 
 
+_EXPERIMENTS: dict[str, TransferExperiment] = {}
+
+
+def _experiments(settings: dict) -> dict[str, TransferExperiment]:
+    """The three experiments (one per process): the main one, task B with its own teacher,
+    and the sparse projection."""
+    torch.set_num_threads(1)
+    _EXPERIMENTS.update(main=TransferExperiment(**settings),
+                        own=TransferExperiment(**settings, task_b_teacher=OWN_TEACHER),
+                        sparse=TransferExperiment(**settings, projection="sparse"))
+    return _EXPERIMENTS
+
+
+def _job(job: tuple[str, str, tuple, dict]) -> dict:
+    """One job of the sweep in this process: ``(experiment, "config" or "report", args, kw)``.
+    Every run seeds everything it draws, so a job's result does not depend on the process."""
+    name, kind, args, kwargs = job
+    return (config if kind == "config" else report)(_EXPERIMENTS[name], *args, **kwargs)
+
+
+def _run_jobs(jobs: list, pool) -> list[dict]:
+    return list(pool.imap(_job, jobs, chunksize=1)) if pool else [_job(j) for j in jobs]
+
+
 def main() -> int:
     global DIMS, LORA_RANKS, PRE_SWEEP, REPORT_SEEDS, SELECT_SEEDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings to check that the script runs (not for committing)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes (one thread each); the results do not depend on it")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
     settings = {"n_a": 4096, "n_b": 256, "width": 64, "steps": 200, "pre_lr": 3e-3}
     if args.quick:
         settings["steps"] = 10
@@ -110,9 +136,9 @@ def main() -> int:
         REPORT_SEEDS, SELECT_SEEDS = (0, 1), (1000,)
     started = time.time()
     device = torch.device("cpu")
-    ex = TransferExperiment(**settings)
-    own = TransferExperiment(**settings, task_b_teacher=OWN_TEACHER)
-    sparse = TransferExperiment(**settings, projection="sparse")
+    ex = _experiments(settings)["main"]
+    pool = (multiprocessing.get_context("fork").Pool(args.workers, _experiments, (settings,))
+            if args.workers > 1 else None)
     # DID at the head's and each LoRA rank's number of trained numbers (off the grid)
     equal_dims = sorted({ex.trainable(m, r) for m, r in [("head", 0)]
                          + [("lora", r) for r in LORA_RANKS]} - set(DIMS))
@@ -122,55 +148,60 @@ def main() -> int:
         "select_seeds": list(SELECT_SEEDS), "report_seeds": list(REPORT_SEEDS),
         "pre_steps": PRE_STEPS, "pre_sweep": PRE_SWEEP, "own_teacher": OWN_TEACHER},
         "configs": []}
-    configs = result["configs"]
+    jobs = []
 
-    def add(experiment: TransferExperiment, *a, **k) -> dict:
-        configs.append(config(experiment, *a, **k))
-        return configs[-1]
+    def add(experiment: str, *a, **k) -> None:
+        jobs.append((experiment, "config", a, k))
 
-    print("the main arms", flush=True)
+    # the main arms
     for start in ("pretrained", "scratch"):
-        add(ex, "full", 0, start)
+        add("main", "full", 0, start)
         for d in DIMS:
-            add(ex, "did", d, start)
-    add(ex, "head", 0)
+            add("main", "did", d, start)
+    add("main", "head", 0)
     for r in LORA_RANKS:
-        add(ex, "lora", r)
+        add("main", "lora", r)
     for n in equal_dims:
-        add(ex, "did", n, log="[equal numbers] ")
+        add("main", "did", n, log="[equal numbers] ")
     for d in DIMS:
-        add(ex, "said", d)
+        add("main", "said", d)
     for d in DIMS:
-        add(sparse, "did", d, projection="sparse")
+        add("sparse", "did", d, projection="sparse")
+    # pretraining length
+    for steps in PRE_SWEEP:
+        if steps == PRE_STEPS:
+            continue
+        add("main", "full", 0, pre_steps=steps, log=f"[pre {steps}] ")
+        for d in DIMS:
+            add("main", "did", d, pre_steps=steps)
+            add("main", "said", d, pre_steps=steps)
+    # task B with its own teacher
+    for start in ("pretrained", "scratch"):
+        add("own", "full", 0, start, teacher=OWN_TEACHER)
+        for d in DIMS:
+            add("own", "did", d, start, teacher=OWN_TEACHER)
+    configs = result["configs"] = _run_jobs(jobs, pool)
 
     print("one learning rate for every d", flush=True)
     did = [c for c in configs if c["method"] == "did" and c["start"] == "pretrained"
+           and c["pre_steps"] == PRE_STEPS and c["teacher"] == 0
            and c["projection"] == "hadamard" and c["size"] in DIMS]
     common = set.intersection(*({s["lr"] for s in c["selection"]} for c in did))
     mean_val = {lr: float(np.mean([np.mean(next(s["val"] for s in c["selection"]
                                                  if s["lr"] == lr)) for c in did]))
                 for lr in common}
     single = max(sorted(mean_val), key=lambda lr: mean_val[lr])
+    redo = [c for c in did if c["best_lr"] != single]
+    redone = _run_jobs([("main", "report", ("did", c["size"], single, "pretrained", PRE_STEPS),
+                         {}) for c in redo], pool)
+    by_size = {c["size"]: r for c, r in zip(redo, redone)}
     result["single_lr"] = {"lr": single, "mean_val": mean_val, "report": {
-        str(c["size"]): (c["report"] if c["best_lr"] == single else
-                         report(ex, "did", c["size"], single, "pretrained", PRE_STEPS))
-        for c in did}}
-
-    print("pretraining length", flush=True)
+        str(c["size"]): by_size.get(c["size"], c["report"]) for c in did}}
+    if pool:
+        pool.close()
     for steps in PRE_SWEEP:
-        if steps == PRE_STEPS:
-            continue
-        add(ex, "full", 0, pre_steps=steps, log=f"[pre {steps}] ")
-        for d in DIMS:
-            add(ex, "did", d, pre_steps=steps)
-            add(ex, "said", d, pre_steps=steps)
+        ex.pretrained(steps)              # cached in the workers; here for the accuracy
     result["pretrain_accuracy"] = {str(k): v for k, v in sorted(ex.pretrain_accuracy.items())}
-
-    print("task B with its own teacher", flush=True)
-    for start in ("pretrained", "scratch"):
-        add(own, "full", 0, start, teacher=OWN_TEACHER)
-        for d in DIMS:
-            add(own, "did", d, start, teacher=OWN_TEACHER)
 
     # the run time is printed, not recorded: the machine this ran on may have been busy
     print(f"{len(configs)} configurations in {time.time() - started:.0f} s", flush=True)
