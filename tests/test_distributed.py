@@ -277,3 +277,22 @@ def test_paper_formulas() -> None:
     assert step_traffic(p, t, "lora", "fsdp", 8, reshard_after_forward=True) == f * (2 * w + g)
     assert step_traffic(p, t, "lora", "fsdp", 8, reshard_after_forward=False) == f * (w + g)
     assert step_traffic(p, t, "lora", "fsdp", 8, n_root=u) == f * (2 * w - 2 * u + g)
+
+
+def test_lora_state_dict_keeps_buffers_of_modules_to_save(tmp_path: Path) -> None:
+    """A module to save is saved whole, buffers included (BatchNorm's running statistics)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q", nn.Linear(8, 8))
+    model.add_module("head", nn.BatchNorm1d(8))
+    model = inject_lora(model, LoraConfig(r=2, target_modules=["q"], modules_to_save=["head"]))
+    model.train()
+    model(torch.randn(16, 8))  # moves the running statistics off their initial values
+    save_adapter(model, tmp_path)
+    saved = load_file(str(tmp_path / WEIGHTS_NAME))
+    state = lora_state_dict(model)
+    assert state.keys() == saved.keys()
+    assert any(k.endswith("running_mean") for k in state)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lora_edu.adapters import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _adapter_names,
-                               _peft_config, _saved_config, _to_peft_key)
+                               _named_tensors, _peft_config, _saved_config, _to_peft_key)
 from lora_edu.lora import lora_layers
 
 __all__ = ["shard_lora_model", "lora_state_dict", "allreduce_bytes", "find_blocks",
@@ -206,8 +206,9 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, mp_policy: Any = Non
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter as full (unsharded) CPU tensors, keyed as :func:`lora_edu.adapters.save_adapter`
-    keys them (``blocks.0.attn.q.lora_A`` (r×k), ``blocks.0.attn.q.lora_B`` (d×r), and the
-    biases ``LoraConfig.bias`` made trainable).
+    keys them (``blocks.0.attn.q.lora_A`` (r×k), ``blocks.0.attn.q.lora_B`` (d×r), the
+    biases ``LoraConfig.bias`` made trainable, and each module to save's whole
+    ``state_dict()``, buffers included).
 
     Works on a plain model, a DDP-wrapped one and one sharded by :func:`shard_lora_model`.
     On a sharded model each ``DTensor`` is all-gathered (``full_tensor()``), which is a
@@ -233,10 +234,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     _require_lora(model)
     config = _saved_config(model)
     names = _adapter_names(model, config, [n for n, _ in lora_layers(model)])
-    params = dict(model.named_parameters())
+    # parameters and buffers: a module to save (a head with BatchNorm, say) is saved with its
+    # buffers, as save_adapter and PEFT save it; FSDP2 shards parameters only, so a buffer is
+    # whole on every rank and needs no gathering
+    tensors = _named_tensors(model)
     state = {}
     for key in names:  # same order on every rank: the collectives line up
-        tensor = params[key].detach()
+        tensor = tensors[key].detach()
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
         state[key] = tensor.to("cpu").contiguous().clone()
