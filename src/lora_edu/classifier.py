@@ -8,8 +8,8 @@ full, as PEFT's ``modules_to_save`` does (:class:`lora_edu.lora.ModulesToSaveWra
 **The task** (:func:`category_examples`): which kind of thing a sentence is about, one of
 :data:`CATEGORIES`, from sentences such as "They spent the afternoon looking at a zebra." The
 sentence templates say nothing about the category; only the noun does. Nouns are split between
-train, validation and test (by their position in each category's list: ``index mod 5`` is 0 for
-test, 1 for validation), and so are the templates, so every test sentence has a noun and a
+train, validation and test (by their position in each category's list: ``index mod 5`` is 0 or 4
+for test, 1 for validation, 2 or 3 for training), and so are the templates, so every test sentence has a noun and a
 template that training never saw: a correct answer needs what the pretrained model knows about
 the word. Everything is generated from the lists below and a seed; nothing is downloaded.
 
@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CATEGORIES", "NOUNS", "TEMPLATES", "SPLITS", "RECIPE", "category_examples",
-           "nouns_of", "templates_of", "load_classifier", "encode", "predict", "evaluate",
-           "train_classifier", "lora_head_model", "run"]
+__all__ = ["CATEGORIES", "NOUNS", "TEMPLATES", "SPLITS", "RECIPE", "METHODS", "article",
+           "category_examples", "nouns_of", "templates_of", "load_classifier", "encode",
+           "predict", "evaluate", "train_classifier", "lora_head_model", "head_only_model",
+           "run"]
 
 CATEGORIES = ("animal", "food", "vehicle", "musical instrument")
 #: Sixty countable nouns per category. Their position decides the split (see the module doc).
@@ -86,9 +87,10 @@ def _check_split(split: str) -> str:
 
 
 def nouns_of(split: str) -> list[tuple[str, int]]:
-    """``(noun, label)`` for every noun of ``split`` (index mod 5: 0 test, 1 validation)."""
+    """``(noun, label)`` for every noun of ``split`` (index mod 5: 0 or 4 test, 1 validation,
+    2 or 3 train): 96 test, 48 validation and 96 training nouns."""
     _check_split(split)
-    want = {"test": (0,), "validation": (1,), "train": (2, 3, 4)}[split]
+    want = {"test": (0, 4), "validation": (1,), "train": (2, 3)}[split]
     return [(noun, label) for label, category in enumerate(CATEGORIES)
             for i, noun in enumerate(NOUNS[category]) if i % 5 in want]
 
@@ -98,8 +100,19 @@ def templates_of(split: str) -> tuple[str, ...]:
     return TEMPLATES[_check_split(split)]
 
 
+#: Nouns spelt with a vowel but said with a consonant sound ("a ukulele", "a euphonium").
+CONSONANT_SOUND = frozenset({"ukulele", "unicycle", "euphonium", "ewe", "unicorn", "uniform"})
+
+
+def article(noun: str) -> str:
+    """The noun with its indefinite article: "an" before a vowel sound ("an owl", "an erhu"),
+    "a" otherwise ("a zebra", and "a ukulele": :data:`CONSONANT_SOUND` lists the exceptions)."""
+    vowel_sound = noun[0] in "aeiou" and noun not in CONSONANT_SOUND
+    return ("an " if vowel_sound else "a ") + noun
+
+
 def _sentence(template: str, noun: str) -> str:
-    a = ("an " if noun[0] in "aeiou" else "a ") + noun
+    a = article(noun)
     return template.format(a=a, A=a[0].upper() + a[1:], n=noun)
 
 
@@ -111,9 +124,10 @@ def category_examples(split: str, seed: int = 0, per_noun: int | None = 1
         split: ``"train"``, ``"validation"`` or ``"test"``.
         seed: draws the template of each sentence (``random.Random(f"{split}-{seed}")``).
         per_noun: sentences per noun, each with a different template of the split; ``None``:
-            every template (the training set: 144 nouns × 8 templates). The held-out sets
-            use one sentence per noun, so their items are independent draws of a noun and a
-            Wilson interval over them is honest.
+            every template (the training set: 96 nouns × 8 templates). The held-out sets
+            use one sentence per noun, so no noun counts twice; a Wilson interval over them
+            treats the nouns of this fixed list and the templates of the split as the
+            population, and does not cover other nouns, templates or phrasings.
     """
     templates = templates_of(split)
     if per_noun is not None and not 1 <= per_noun <= len(templates):
@@ -128,20 +142,33 @@ def category_examples(split: str, seed: int = 0, per_noun: int | None = 1
 
 
 def load_classifier(num_labels: int = len(CATEGORIES), seed: int = 0,
-                    root: str | None = None) -> tuple[nn.Module, Any]:
+                    root: str | None = None, fetch: bool | None = None
+                    ) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct as a ``LlamaForSequenceClassification`` and its tokenizer.
 
-    The body's weights come from the book's cache (``make model``); the ``score`` head
-    (576 → ``num_labels``, no bias) is new, drawn by transformers' initialiser after
-    ``torch.manual_seed(seed)``. The padding token is the tokenizer's, so that the model
-    reads each sentence's last real token. Returns the model in eval mode.
+    The body's weights come from the book's cache (``make model``); as
+    :func:`lora_edu.pretrained.load_smollm2` does, a missing cache is fetched in Colab (or
+    with ``LORA_EDU_FETCH=1``; ``fetch`` overrides) and raises ``ModelCacheError`` naming
+    ``make model`` elsewhere. The ``score`` head (576 → ``num_labels``, no bias) is new,
+    drawn by transformers' initialiser after ``torch.manual_seed(seed)``. The padding token
+    is the tokenizer's, so that the model reads each sentence's last real token. Returns the
+    model in eval mode.
     """
+    import os
+
     from transformers import AutoTokenizer, LlamaForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from lora_edu.pretrained import check_cache
+    from lora_edu.pretrained import ModelCacheError, _in_colab, check_cache, fetch_smollm2
 
-    folder = check_cache(root)
+    if fetch is None:
+        fetch = _in_colab() or os.environ.get("LORA_EDU_FETCH") == "1"
+    try:
+        folder = check_cache(root)
+    except ModelCacheError:
+        if not fetch:
+            raise
+        folder = fetch_smollm2(root)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised": that is the point
@@ -240,9 +267,25 @@ def evaluate(model: nn.Module, tokenizer: Any, examples: Sequence[tuple[str, int
 
 #: The chapter's configuration: LoRA on W_q, W_v at r = 8 (α = 16) and the trained head,
 #: 20 AdamW steps of 16 sentences. The learning rate is chosen on the validation split by
-#: ``benchmarks/classifier.py``.
-RECIPE: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-                          "modules_to_save": ["score"], "steps": 20, "batch_size": 16}
+#: ``benchmarks/classifier.py``. ``"method": "head"`` trains the head alone (a linear probe
+#: of the frozen body), the baseline that says whether LoRA is needed at all.
+RECIPE: dict[str, Any] = {"method": "lora", "r": 8, "lora_alpha": 16,
+                          "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"],
+                          "steps": 20, "batch_size": 16}
+METHODS = ("lora", "head")
+
+
+def _fresh_head(base: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``base`` whose head is redrawn from ``seed`` (the same draw for every
+    method, so that methods compared at one seed start from the same head)."""
+    from lora_edu.repro import seed_all
+
+    model = copy.deepcopy(base)
+    seed_all(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, std)  # transformers' own initialisation of the head
+    return model
 
 
 def lora_head_model(base: nn.Module, seed: int, recipe: dict[str, Any] | None = None
@@ -250,29 +293,39 @@ def lora_head_model(base: nn.Module, seed: int, recipe: dict[str, Any] | None = 
     """A copy of ``base`` with a new head drawn from ``seed`` and LoRA injected (the head as
     a module to save); ``base`` itself is not modified."""
     from lora_edu.lora import LoraConfig, inject_lora
-    from lora_edu.repro import seed_all
 
     recipe = {**RECIPE, **(recipe or {})}
-    model = copy.deepcopy(base)
-    seed_all(seed)
-    std = getattr(model.config, "initializer_range", 0.02)
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, std)  # transformers' own initialisation of the head
+    model = _fresh_head(base, seed)
     keys = ("r", "lora_alpha", "target_modules", "modules_to_save")
     return inject_lora(model, LoraConfig(**{k: recipe[k] for k in keys}))
+
+
+def head_only_model(base: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``base`` with a new head drawn from ``seed`` (the same draw as
+    :func:`lora_head_model`'s) and every other parameter frozen: a linear probe, which trains
+    576 × classes numbers on the frozen body's last-token hidden state."""
+    model = _fresh_head(base, seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.score.weight.requires_grad_(True)
+    return model
 
 
 def run(base: nn.Module, tokenizer: Any, lr: float, seed: int,
         recipe: dict[str, Any] | None = None,
         splits: Sequence[str] = ("validation", "test")) -> dict[str, Any]:
-    """One training run of :data:`RECIPE` at ``lr`` and ``seed`` (head, A and batch order).
+    """One training run of :data:`RECIPE` at ``lr`` and ``seed`` (head, A and batch order);
+    ``recipe={"method": "head"}`` trains the head alone (:func:`head_only_model`).
 
     Returns ``{"model", "losses", "before": {split: evaluate(...)}, "after": {...}}`` for
     the held-out ``splits``; "before" is the model with its new head and B = 0, which
     computes exactly what the base model with that head computes.
     """
     recipe = {**RECIPE, **(recipe or {})}
-    model = lora_head_model(base, seed, recipe)
+    if recipe["method"] not in METHODS:
+        raise ValueError(f"recipe['method'] must be one of {METHODS}, got {recipe['method']!r}")
+    model = (lora_head_model(base, seed, recipe) if recipe["method"] == "lora"
+             else head_only_model(base, seed))
     held_out = {split: category_examples(split) for split in splits}
     before = {split: evaluate(model, tokenizer, ex) for split, ex in held_out.items()}
     losses = train_classifier(model, tokenizer, category_examples("train", per_noun=None),
