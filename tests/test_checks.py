@@ -477,6 +477,13 @@ def test_wilson_interval_accepts_the_formula():
     assert _quiet(check_wilson_interval, _wilson)
 
 
+def test_wilson_interval_accepts_z_rounded_to_1_96_as_the_exercise_writes_it():
+    from lora_edu.checks import check_wilson_interval
+    assert _quiet(check_wilson_interval, lambda k, n: _wilson(k, n, z=1.96))
+    result = _quiet(check_wilson_interval, lambda k, n: _wilson(k, n, z=1.95))
+    assert not result and "e-5" in result.message  # the message shows enough digits
+
+
 @pytest.mark.parametrize("fn, phrase", [(lambda k, n: _wilson(k, n, wald=True), "Wald"),
                                         (lambda k, n: _wilson(k, n, z=1.6448536269514722),
                                          "90 %"),
