@@ -282,7 +282,12 @@ class LoraConfig:
             ends with an entry (a plain suffix match: ``"classifier"`` also matches
             ``"pre_classifier"``) is wrapped in a :class:`ModulesToSaveWrapper` that keeps the
             original, frozen, and trains a copy; LoRA never targets such a module or anything
-            inside it. An entry that matches no module makes :func:`inject_lora` raise.
+            inside it. Where lora_edu deliberately differs from PEFT 0.21.2: an entry that
+            matches no module makes :func:`inject_lora` raise ``ValueError`` (PEFT ignores
+            it silently), and a module that ``target_modules`` names explicitly and that is
+            also a module to save raises ``ValueError`` (PEFT raises ``TypeError``), rather
+            than silently dropping its LoRA layer; ``"all-linear"`` leaves modules to save
+            out, as PEFT's leaves classification heads out.
 
     Validated on creation; a bad value raises ``ValueError``/``TypeError`` naming the field.
     To extend, add a field and check it in :meth:`validate`.
@@ -629,7 +634,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     else:
         names = [n for n, _ in model.named_modules()
                  if n and n not in inside_lora and _matches(n, config.target_modules)]
-    # As in PEFT, LoRA never goes on a module to save or inside one: the copy is trained whole.
+    # LoRA never goes on a module to save or inside one: the copy is trained whole. "all-linear"
+    # leaves them out (PEFT's "all-linear" skips classification heads too); a target that names
+    # one explicitly is a contradiction, which PEFT 0.21.2 refuses with a TypeError.
+    clash = [n for n in names if _is_saved(n, saved)]
+    if clash and config.target_modules != ALL_LINEAR:
+        raise ValueError(f"module {clash[0]!r} is both a LoRA target (target_modules="
+                         f"{config.target_modules!r}) and a module to save (modules_to_save="
+                         f"{config.modules_to_save}); a module to save is trained in full: "
+                         "remove it from one of the two")
     names = [n for n in names if not _is_saved(n, saved)]
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -765,16 +778,22 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Merged layers are unmerged on entry and merged again on exit (so W0 is restored up to
     floating-point rounding). Modules to save use their original, untrained module. Biases
     trained with ``bias="all"``/``"lora_only"`` stay as trained: only with ``bias="none"`` is
-    the result exactly the pretrained model.
+    the result exactly the pretrained model. As PEFT's ``disable_adapter`` does, the trained
+    copies of modules to save stop requiring grad inside the block (nothing in use trains);
+    their flags are restored on exit.
     """
     layers = [layer for _, layer in lora_layers(model)]
     wrappers = [wrapper for _, wrapper in _modules_to_save_wrappers(model)]
     was_merged = [layer.merged for layer in layers]
+    copies = [p for w in wrappers for p in w.trainable_module.parameters()]
+    flags = [p.requires_grad for p in copies]
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
     for wrapper in wrappers:
         wrapper.disabled = True
+    for p in copies:
+        p.requires_grad_(False)
     try:
         yield model
     finally:
@@ -784,6 +803,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
                 layer.merge()
         for wrapper in wrappers:
             wrapper.disabled = False
+        for p, flag in zip(copies, flags):
+            p.requires_grad_(flag)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
