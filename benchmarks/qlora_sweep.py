@@ -25,7 +25,8 @@ The design follows ``EVIDENCE.md``:
 For each report seed the file also holds what the chapter's other verdicts need: the three
 merges of the QLoRA model (into the original W0, into Ŵ0 kept in bf16, re-quantised to NF4),
 the share of s·BA that re-quantising keeps, the *control* (the adapters trained on the fp32
-base put on the NF4 base without retraining), and every configuration trained at the recipe's
+base put on the NF4 base without retraining, for the adapters on every layer and for those on
+W_q and W_v only), and every configuration trained at the recipe's
 rate (chapter 13's exercise on a shared learning rate). The first report seed's QLoRA and LoRA
 runs also record their loss curves and the peak memory of a training step. Nothing here is a
 timing.
@@ -202,13 +203,14 @@ def merge_losses(s: Setup, qlora: nn.Module) -> dict[str, float]:
     return out
 
 
-def transplant(s: Setup, lora_fp32: nn.Module) -> nn.Module:
+def transplant(s: Setup, lora_fp32: nn.Module, kind: str = MAIN[1]) -> nn.Module:
     """The control: the adapters trained on the fp32 base, copied onto the NF4 base untrained.
 
-    Same configuration as the QLoRA run (r = 8 on every linear layer, the whole blocks in NF4
-    with double quantisation); only A and B come from ``lora_fp32``.
+    Same configuration as the NF4 run ``kind`` (``MAIN[1]``: r = 8 on every linear layer;
+    ``QV[1]``: W_q and W_v only; either way the whole blocks in NF4 with double
+    quantisation); only A and B come from ``lora_fp32``.
     """
-    _, targets, r, _ = s.kinds[MAIN[1]]
+    _, targets, r, _ = s.kinds[kind]
     model = inject_lora_4bit(copy.deepcopy(s.pretrained),
                              LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets),
                              quantize_modules=ALL_LINEAR)
@@ -239,6 +241,8 @@ def report_run(s: Setup, kind: str, seed: int, lr: float, detailed: bool) -> dic
         rec.update(requant_share(model))
     if kind == MAIN[0]:
         rec["transplant_target"] = loss_on(transplant(s, model), s.report)
+    if kind == QV[0]:   # the same control for the adapters on W_q and W_v only
+        rec["transplant_target"] = loss_on(transplant(s, model, QV[1]), s.report)
     return rec
 
 
