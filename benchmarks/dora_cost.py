@@ -24,6 +24,9 @@ wall time with the chosen number of threads (``--threads``, default 1).
 
 Peak memory of one step (``torch.cuda.max_memory_allocated`` on a GPU, PyTorch's MemTracker
 on the CPU) is measured after the timing, per arm; it does not depend on the machine's load.
+The two-layer network's peaks are also measured at several batch sizes
+(``--memory-batches``), because DoRA's extra memory grows with the batch. The load average at
+the start and the end is compared with ``--max-load`` (``idle`` in the JSON).
 
 Writes ``benchmarks/results/dora_cost-<device>.json``.
 """
@@ -74,9 +77,12 @@ class TwoLayer(nn.Module):
         return self.l2(F.gelu(self.l1(x)))
 
 
-def base_and_batch(name: str, device: torch.device
+def base_and_batch(name: str, device: torch.device, batch: int | None = None
                    ) -> tuple[nn.Module, list[str], int, Callable[[nn.Module], torch.Tensor]]:
-    """(base model, target modules, r, loss(model) on a fixed batch) for one model name."""
+    """(base model, target modules, r, loss(model) on a fixed batch) for one model name.
+
+    ``batch`` overrides the two-layer network's batch of 128 inputs (the memory-by-batch table).
+    """
     gen = torch.Generator().manual_seed(1)
     seed_all(0)
     if name == "toy-gpt":
@@ -87,7 +93,7 @@ def base_and_batch(name: str, device: torch.device
         return (model, ["q", "k", "v", "o", "fc1", "fc2"], 8,
                 lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten()))
     if name == "two-layer":
-        d, batch = 256, 128
+        d, batch = 256, batch or 128
         model = TwoLayer(d).to(device)
         x = torch.randn(batch, d, generator=gen).to(device)
         target = torch.randn(batch, d, generator=gen).to(device)
@@ -99,6 +105,17 @@ def base_and_batch(name: str, device: torch.device
         return (model, ["q_proj", "v_proj"], 8,
                 lambda m: m(input_ids=ids, labels=ids).loss)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def describe(name: str, device: torch.device) -> str:
+    """What ``name`` measures on ``device``, in words (the chapter prints it from the JSON)."""
+    if name == "toy-gpt":
+        preset, shape = ("gpu", "32 × 256") if device.type == "cuda" else ("cpu", "8 × 128")
+        return (f"the book's toy GPT ({preset} preset), LoRA r = 8 on every linear layer of "
+                f"the blocks, a batch of {shape} tokens (a toy width)")
+    if name == "two-layer":
+        return "chapter 14's two-layer network, D = 256, both layers, 128 inputs (a toy width)"
+    return "SmolLM2-135M, q_proj and v_proj of every layer, 4 × 64 tokens (the real model)"
 
 
 def build_arms(base: nn.Module, targets: list[str], r: int) -> dict[str, nn.Module]:
@@ -186,7 +203,8 @@ def measure(name: str, device: torch.device, rounds: int, warmup: int,
     base, targets, r, loss = base_and_batch(name, device)
     arms = build_arms(base, targets, r)
     steps = {arm: train_step(model, loss) for arm, model in arms.items()}
-    out: dict[str, Any] = {"targets": targets, "r": r, "lora_alpha": 2 * r}
+    out: dict[str, Any] = {"description": describe(name, device), "targets": targets, "r": r,
+                           "lora_alpha": 2 * r}
     if timing:
         times = paired_rounds({a: s for a, (s, _) in steps.items()}, rounds, warmup, device)
         out["step_ms_median"] = {a: round(1e3 * statistics.median(t), 4)
@@ -203,6 +221,29 @@ def measure(name: str, device: torch.device, rounds: int, warmup: int,
     return out
 
 
+def memory_by_batch(device: torch.device, batches: list[int]) -> dict[str, Any]:
+    """Peak bytes of one step of each arm on the two-layer network, for each batch size.
+
+    With the norm detached, W0 + s·BA exists only while the forward computes the norm (one
+    D×D matrix per layer, freed before the backward); what DoRA keeps *for* the backward is
+    per input: W0 x̃ and s·BA x̃, (batch, D) each per layer, which the magnitude's gradient
+    needs. So DoRA's extra peak over LoRA grows with the batch.
+    """
+    out: dict[str, Any] = {}
+    for batch in batches:
+        base, targets, r, loss = base_and_batch("two-layer", device, batch)
+        arms = build_arms(base, targets, r)
+        steps = {arm: train_step(model, loss) for arm, model in arms.items()}
+        peaks = {arm: peak_bytes(step, arms[arm], opt, device=device)
+                 for arm, (step, opt) in steps.items()}
+        out[str(batch)] = {
+            "peak_bytes": peaks,
+            "dora_minus_lora_bytes": {impl: (peaks[d] - peaks[lo]
+                                             if peaks[d] and peaks[lo] else None)
+                                      for impl, (d, lo) in PAIRS.items()}}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -211,6 +252,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-timing", action="store_true",
                         help="peak memory only (timings need an idle machine)")
+    parser.add_argument("--memory-batches", type=int, nargs="+", default=[8, 128, 1024],
+                        help="batch sizes of the two-layer network's peak-memory table")
+    parser.add_argument("--max-load", type=float, default=0.5,
+                        help="1-min load average above which a timing counts as not idle")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -223,16 +268,21 @@ def main() -> int:
         except (FileNotFoundError, RuntimeError, OSError) as err:   # e.g. SmolLM2 not cached
             figures[name] = {"skipped": f"{type(err).__name__}: {err}"}
         print(name, figures[name])
+    by_batch = memory_by_batch(device, args.memory_batches)
+    print("two-layer peak bytes by batch", by_batch)
+    load_end = os.getloadavg()[0]
     result = provenance("dora_cost", device)
     result.update({
         "peft": peft.__version__, "torch_threads": torch.get_num_threads(),
         "timing": not args.no_timing, "rounds": args.rounds, "warmup": args.warmup,
-        "load_average_1min": {"start": round(load_start, 2),
-                              "end": round(os.getloadavg()[0], 2)},
+        "load_average_1min": {"start": round(load_start, 2), "end": round(load_end, 2),
+                              "threshold": args.max_load,
+                              "idle": max(load_start, load_end) <= args.max_load},
         "statistic": "per-round ratio DoRA/LoRA within one implementation, rounds interleaved "
                      "(order rotated); median with quartiles and range. Peak memory of one "
                      "step, measured after the timing.",
         "figures": figures,
+        "two_layer_peak_by_batch": by_batch,
     })
     write_result(result, "dora_cost", device, args.out)
     return 0
