@@ -11,7 +11,12 @@ section, so a rewritten exercise cannot silently leave its assignment behind. Ea
 follows Otter's format (raw cells ``# BEGIN QUESTION`` … ``# END QUESTION``, the solution
 between ``# BEGIN SOLUTION`` and ``# END SOLUTION``, tests between ``# BEGIN TESTS`` and
 ``# END TESTS``); tests call :mod:`lora_edu.checks` where a checker exists, so a student sees
-the checker's explanation of the first mismatch.
+the checker's explanation of the first mismatch. A checker accepts any correct function,
+lora_edu's own reference included, so each such test first refuses a function whose
+``__module__`` is lora_edu's (a student who merely imports it scores nothing); a one-line
+wrapper around it still passes, which only reading the submission catches. Every question has
+a public test (a student can check before submitting) and a ``grader.check`` cell; docstrings
+say what to compute, never the formula that answers.
 
 **Build** (``_build/assignments/``): this script adds the assignment configuration and a set-up
 cell (in Colab it installs the pinned ``otter-grader`` and ``lora-edu``) to each source, writes

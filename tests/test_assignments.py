@@ -102,19 +102,43 @@ def test_the_master_has_otters_configuration_and_the_set_up_cell():
     assert 'grader = otter.Notebook("01_rank.ipynb")' in setup.source
 
 
-def test_otter_assign_strips_the_solutions(tmp_path, monkeypatch):
-    """One real build: the student notebook keeps the prompts and none of the solution code."""
+def _normalised(text: str) -> str:
+    """Letters and digits only (ᵀ as T), so that a formula matches however it is spaced."""
+    return "".join(ch for ch in text.replace("ᵀ", "T") if ch.isalnum())
+
+
+def test_every_question_has_a_public_test():
+    """A student can check each answer before submitting (hidden tests only add cases)."""
+    bare = [(s.stem, q["config"].split("name:")[1].split()[0]) for s in SOURCES
+            for q in _questions(s) if all("hidden: true" in t for t in q["tests"])]
+    assert not bare, f"questions whose every test is hidden (no public test): {bare}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_otter_assign_strips_the_solutions(source: Path, tmp_path, monkeypatch):
+    """A real build: the student notebook keeps the prompts, a check cell per question, and
+    none of the solution code; no docstring left to the student states a solution's result."""
     pytest.importorskip("otter")
     monkeypatch.setattr(asg, "OUT", tmp_path)
-    source = SOURCES[0]
     asg.build_one(source)
     student = nbformat.read(tmp_path / "student" / f"{source.stem}.ipynb", as_version=4)
     text = "\n".join(c.source for c in student.cells)
-    solution_lines = [line.strip() for q in _questions(source) for s in q["solutions"]
-                      for line in s.split("# BEGIN SOLUTION", 1)[-1].split("# END SOLUTION")[0]
-                      .splitlines() if line.strip() and not line.strip().startswith("#")]
+    solutions = [s.split("# BEGIN SOLUTION", 1)[-1].split("# END SOLUTION")[0]
+                 for q in _questions(source) for s in q["solutions"]]
+    solution_lines = [line.strip() for s in solutions for line in s.splitlines()
+                      if line.strip() and not line.strip().startswith("#")]
     assert solution_lines
-    leaked = [line for line in solution_lines if line in text]
+    leaked = [line for line in solution_lines
+              if line in text and not line.startswith(('"""', "def ", "return out"))]
     assert not leaked, f"solution code in the student notebook: {leaked}"
-    assert "BEGIN SOLUTION" not in text and "grader.check(" in text
+    assert "BEGIN SOLUTION" not in text
+    for q in _questions(source):
+        name = q["config"].split("name:")[1].split()[0]
+        assert f'grader.check("{name}")' in text, f"{source.name}: no check cell for {name}"
+    # docstrings say what to compute, never the formula whose value the solution returns
+    docstrings = [_normalised(d) for d in re.findall(r'"""(.*?)"""', text, re.S)]
+    results = [_normalised(line.split("return", 1)[1]) for s in solutions
+               for line in s.splitlines() if line.strip().startswith("return ")]
+    given = [r for r in results if len(r) >= 4 and any(r in d for d in docstrings)]
+    assert not given, f"{source.name}: a docstring states a solution's result: {given}"
     assert (tmp_path / "autograder" / f"{source.stem}-autograder.zip").exists()
