@@ -322,13 +322,24 @@ def test_parameter_counts():
 
 # --------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("r", [0, -1, 6])
+@pytest.mark.parametrize("r", [-1, 6])
 def test_rank_out_of_range_names_r_and_range(r):
     W = gaussian(5, 7, 0)
-    with pytest.raises(ValueError, match=r"r must satisfy 1 <= r <= min\(d, k\) = 5"):
+    with pytest.raises(ValueError, match=r"r must satisfy 0 <= r <= min\(d, k\) = 5"):
         low_rank_approx(W, r)
-    with pytest.raises(ValueError, match="r must"):
+    with pytest.raises(ValueError, match=r"r must satisfy 1 <= r <= min\(d, k\) = 5"):
         factorise(W, r)
+
+
+def test_rank_zero_is_the_zero_matrix_but_not_a_factor_pair():
+    W = gaussian(5, 7, 0)
+    U, S, Vh = truncated_svd(W, 0)
+    assert (U.shape, S.shape, Vh.shape) == ((5, 0), (0,), (0, 7))
+    assert torch.equal(low_rank_approx(W, 0), torch.zeros_like(W))
+    assert eckart_young_error(W, 0) == pytest.approx(float(torch.linalg.matrix_norm(W)))
+    assert eckart_young_error(W, 0, "spectral") == pytest.approx(float(torch.linalg.svdvals(W)[0]))
+    with pytest.raises(ValueError, match="factor pair needs at least one column"):
+        factorise(W, 0)
 
 
 @pytest.mark.parametrize("r", [2.0, True, "2"])

@@ -79,15 +79,21 @@ def as_matrix(W: MatrixLike, name: str = "W") -> torch.Tensor:
     return W
 
 
-def _check_rank(r: int, W: torch.Tensor, name: str = "r") -> int:
-    """``r`` must be an int in ``[1, min(d, k)]``: a rank-r factor pair has no room for more."""
+def _check_rank(r: int, W: torch.Tensor, name: str = "r", minimum: int = 1) -> int:
+    """``r`` must be an int in ``[minimum, min(d, k)]``.
+
+    ``minimum`` is 0 for the truncated SVD (``W_0 = 0``) and 1 for a factor pair to train; a
+    d×k matrix has no rank above ``min(d, k)``.
+    """
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(r).__name__}")
     limit = min(W.shape)
-    if not 1 <= int(r) <= limit:
-        raise ValueError(f"{name} must satisfy 1 <= {name} <= min(d, k) = {limit} for a "
-                         f"{W.shape[0]}×{W.shape[1]} matrix, got {name}={r}; a rank-{name} "
-                         f"factorisation has no room for more, so pick {name} in that range")
+    if not minimum <= int(r) <= limit:
+        raise ValueError(f"{name} must satisfy {minimum} <= {name} <= min(d, k) = {limit} for a "
+                         f"{W.shape[0]}×{W.shape[1]} matrix, got {name}={r}; no rank exceeds "
+                         f"min(d, k)" + (", and a factor pair needs at least one column"
+                                         if minimum == 1 else "")
+                         + f", so pick {name} in that range")
     return int(r)
 
 
@@ -186,7 +192,7 @@ def truncated_svd(W: MatrixLike, r: int) -> tuple[torch.Tensor, torch.Tensor, to
     :func:`low_rank_approx` for when it is the only one).
     """
     W = as_matrix(W)
-    r = _check_rank(r, W)
+    r = _check_rank(r, W, minimum=0)   # r = 0: empty factors, W_0 = 0
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     return U[:, :r], S[:r], Vh[:r, :]
 
@@ -200,6 +206,7 @@ def low_rank_approx(W: MatrixLike, r: int) -> torch.Tensor:
     In the Frobenius norm it is the only minimiser exactly when ``σ_r > σ_{r+1}`` or
     ``σ_{r+1} = 0`` (then ``W_r = W``); in the spectral norm it is never the only one once
     ``σ_{r+1} > 0``. Under a tie ``σ_r = σ_{r+1} > 0`` the SVD routine picks one of many.
+    ``r = 0`` gives the zero matrix, the only matrix of rank 0 (``0 ≤ r ≤ min(d, k)``).
     """
     U, S, Vh = truncated_svd(W, r)
     return (U * S) @ Vh  # scales column i of U by σ_i, without forming diag(σ)
@@ -215,7 +222,7 @@ def eckart_young_error(W: MatrixLike, r: int, norm: Norm = "fro") -> float:
     if norm not in ("fro", "spectral"):
         raise ValueError(f"norm must be 'fro' or 'spectral', got {norm!r}")
     W = as_matrix(W)
-    r = _check_rank(r, W)
+    r = _check_rank(r, W, minimum=0)   # r = 0: the error of M = 0, the whole norm
     s = torch.linalg.svdvals(W).double()  # sum the tail in float64: it may be tiny
     tail = s[r:]
     if norm == "spectral":
