@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,14 +84,6 @@ DENSITY, SVD_RANK = 0.5, 8
 #: Every answer of the letter tasks is 5 tokens (5 letters, one token each).
 ANSWER_TOKENS = 5
 VAL_SEED, TEST_SEED = 2000, 3000
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def reset_adapter(model: torch.nn.Module, seed: int) -> None:
@@ -168,7 +159,6 @@ def main() -> int:
         return evaluate(args)
     torch.set_num_threads(1 if get_device().type == "cpu" else torch.get_num_threads())
     device = get_device()
-    commit = git_commit()
     model, tokenizer = load_smollm2(device=device)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     eval_sets = {}
@@ -188,7 +178,8 @@ def main() -> int:
             save_bf16(model, args.out / name)
             adapters[name] = result
             print(f"{name}: {result['scores']}", flush=True)
-    result = {**provenance("combine_tasks", device), "git_commit": commit,
+    # provenance's git_commit carries "+dirty" when the tree had uncommitted changes
+    result = {**provenance("combine_tasks", device),
               "settings": settings(args, config), "base_scores": base_scores,
               "adapters": adapters}
     write_result(result, "combine_tasks", device, out=args.result)
@@ -218,8 +209,8 @@ def record_from_log(args: argparse.Namespace) -> int:
                 for line in lines if line.split(":")[0].startswith(TASKS)}
     device = get_device()
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    result = {**provenance("combine_tasks", device),
-              "git_commit": args.train_commit or git_commit(),
+    result = provenance("combine_tasks", device)
+    result = {**result, "git_commit": args.train_commit or result["git_commit"],
               "settings": settings(args, config), "base_scores": base, "adapters": adapters,
               "note": "the training run (python benchmarks/combine_tasks.py, every default) "
                       "was stopped on a shared, overloaded 2-core machine after the adapters "
@@ -349,7 +340,6 @@ def hits_string(hits: torch.Tensor) -> str:
 def evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1 if get_device().type == "cpu" else torch.get_num_threads())
     device = get_device()
-    commit = git_commit()
     start = time.time()
     model, tokenizer = load_smollm2(device=device)
     model.eval()
@@ -367,7 +357,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return {t: {"hits": hits_string(g["hits"]), "loss": float(g["loss"].mean())}
                 for t, g in got.items()}
 
-    result = {**provenance("combine_tasks", device), "git_commit": commit,
+    result = {**provenance("combine_tasks", device),  # git_commit with "+dirty" if dirty
               "settings": {"methods": args.methods, "control_methods": args.control_methods,
                            "designs": args.designs,
                            "lambda_grid": args.lambdas, "density": DENSITY,
