@@ -265,7 +265,11 @@ class LoraConfig:
             ``"lora_only"`` (biases of the adapted layers).
         target_modules: a list (a module matches if its name equals an entry or ends with
             ``"." + entry``), a string (a regex that must match the whole name), or
-            ``"all-linear"``: every linear layer except the output layer, as in PEFT.
+            ``"all-linear"``: every linear layer except the output layer (a transformers
+            model's ``get_output_embeddings()``, else a top-level ``lm_head``). A deliberate
+            difference from PEFT 0.21.2, whose ``"all-linear"`` leaves the output layer out
+            only when the model is a transformers ``PreTrainedModel``: on a plain
+            ``nn.Module`` such as :class:`lora_edu.models.GPT` PEFT adapts ``lm_head`` too.
         use_rslora: rank-stabilised scaling s = α/√r (Kalajdzievski, 2023).
         init_lora_weights: ``True``: A Kaiming-uniform as in PEFT, B = 0; ``"gaussian"``:
             A ~ N(0, 1/r²) as in PEFT's reading of the paper, B = 0; ``False``: A and B both
@@ -591,7 +595,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
-    """Names of the modules that produce the logits (PEFT's ``"all-linear"`` leaves them out).
+    """Names of the modules that produce the logits (``"all-linear"`` leaves them out; PEFT's
+    does so only for a transformers ``PreTrainedModel``).
 
     A transformers model names its own (``get_output_embeddings``); otherwise a top-level
     ``lm_head`` is taken to be the output layer, as in :class:`lora_edu.models.GPT`.
