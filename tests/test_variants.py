@@ -407,3 +407,13 @@ def test_dora_cost_ratio_summary_is_the_median_of_per_round_ratios() -> None:
     summary = dc.ratio_summary([2.0, 3.0, 10.0], [1.0, 2.0, 4.0])   # ratios 2, 1.5, 2.5
     assert summary["median_ratio"] == 2.0 and summary["min"] == 1.5 and summary["max"] == 2.5
     assert summary["rounds"] == 3
+
+
+def test_dora_cost_extra_memory_grows_with_the_batch() -> None:
+    """DoRA keeps per-input tensors for the magnitude's gradient: its extra peak grows."""
+    dc = _bench("dora_cost")
+    table = dc.memory_by_batch(torch.device("cpu"), [4, 256])
+    for impl in ("lora_edu", "PEFT"):
+        small, large = (table[b]["dora_minus_lora_bytes"][impl] for b in ("4", "256"))
+        assert small is not None and large is not None
+        assert large - small >= 2 * (256 - 4) * 256 * 4 * 0.9   # ≥ one (batch, D) per layer
