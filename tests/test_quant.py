@@ -727,3 +727,40 @@ def test_the_control_puts_the_fp32_adapters_unchanged_on_the_nf4_base() -> None:
         assert isinstance(layer.base, Linear4bit)
         assert torch.equal(layer.lora_A, trained[name].lora_A)
         assert torch.equal(layer.lora_B, trained[name].lora_B)
+
+
+def test_the_qv_control_moves_only_the_qv_adapters_onto_an_all_nf4_base() -> None:
+    """qlora_sweep.transplant(kind=QV[1]): adapters on q and v only, every block linear in NF4."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from lora_edu.lora import inject_lora, lora_layers
+    from lora_edu.models import load_pretrained
+    from lora_edu.quant import Linear4bit, LoRALinear4bit
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        qs = importlib.import_module("qlora_sweep")
+    finally:
+        sys.path.remove(bench)
+    s = qs.setup()
+    _, targets, r, _ = s.kinds[qs.QV[0]]
+    fp32, _ = load_pretrained("gpt-cpu")
+    inject_lora(fp32, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    with torch.no_grad():
+        for _, layer in lora_layers(fp32):
+            layer.lora_B.normal_(std=0.01)
+    moved = qs.transplant(s, fp32, qs.QV[1])
+    trained = dict(fp32.named_modules())
+    adapted = {n for n, m in moved.named_modules() if isinstance(m, LoRALinear4bit)}
+    assert adapted == {n for n, _ in lora_layers(fp32)}
+    assert {n.rpartition(".")[2] for n in adapted} == {"q", "v"}
+    for name, m in moved.named_modules():
+        if name.rpartition(".")[2] in qs.ALL_LINEAR and name not in adapted:
+            assert isinstance(m, Linear4bit), name          # quantised, with no adapter
+    for name in adapted:
+        layer = dict(moved.named_modules())[name]
+        assert torch.equal(layer.lora_A, trained[name].lora_A)
+        assert torch.equal(layer.lora_B, trained[name].lora_B)
