@@ -172,3 +172,18 @@ def test_show_table_displays_html_in_a_notebook(monkeypatch):
 
 def test_glue_returns_its_value():
     assert glue("answer", 42) == 42
+
+
+def test_glue_stores_numpy_scalars_as_python_numbers(monkeypatch):
+    """numpy 2's repr np.float64(..) would render empty under a :.1f glue role."""
+    import myst_nb
+    stored = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=False:
+                        stored.__setitem__(name, value))
+    assert glue("x", np.float64(2.5)) == 2.5 and type(stored["x"]) is float
+    glue("n", np.int64(3))
+    assert type(stored["n"]) is int and f"{stored['x']:.1f}" == "2.5"
+    glue("t", torch.tensor(1.5))
+    assert type(stored["t"]) is float
+    glue("s", "text")
+    assert stored["s"] == "text"

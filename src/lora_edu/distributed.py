@@ -269,14 +269,18 @@ def check_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     the cause named:
 
     * ``torch.Size([0])``: this rank holds none of the tensor (FSDP1 with
-      ``use_orig_params=True`` outside forward, a DeepSpeed ZeRO-3 partition: the empty
-      adapter files of PEFT issue #2892 and the "size mismatch ... torch.Size([0])" loads);
+      ``use_orig_params=True`` outside forward, a DeepSpeed ZeRO-3 partition: the "size
+      mismatch ... torch.Size([0])" loads of PEFT issue #1710);
+    * no tensors at all: the 40-byte adapter files of PEFT issue #2892 / TRL issue #4416
+      (transformers' ZeRO-3 save fallback, fixed in transformers PR #41416, v5.0.0), refused
+      as missing tensors;
     * a 1-D tensor: this rank's slice of FSDP1's flat buffer;
     * a 2-D tensor with too few rows: one rank's rows of an FSDP2 ``DTensor`` (``to_local()``;
       accelerate PR #4206 fixed an adapter-only FSDP2 save that kept rank 0's slice);
     * a ``DTensor``: not gathered (``full_tensor()``), whatever its shape says.
 
-    PEFT's ``save_pretrained`` (0.21.2, PR #3251) warns on the first two; the third passes it.
+    PEFT's ``save_pretrained`` (0.21.2, PR #3251) warns on ``[0]`` and 1-D tensors; a file with
+    no tensors and 2-D slices pass it.
 
     Raises:
         ValueError: a missing, extra or mis-shaped tensor (up to three named, with the fix).
@@ -586,9 +590,12 @@ def step_traffic(n_base: int, n_trainable: int, method: str, strategy: str, worl
     unit (the ``n_root`` parameters outside the blocks: embeddings, final norm, output layer):
 
     * ``reshard_after_forward=None`` (FSDP2's default, :func:`shard_lora_model`'s): blocks
-      twice, root once, ``(N−1)/N · (2W − W_root + G)``;
-    * ``True`` (every unit resharded, FSDP1's ``FULL_SHARD``): ``(N−1)/N · (2W + G)``;
-    * ``False`` (none resharded, ``SHARD_GRAD_OP``): ``(N−1)/N · (W + G)``.
+      twice, root once, ``(N−1)/N · (2W − W_root + G)``. This is also FSDP1's
+      ``FULL_SHARD``, which never frees the root's parameters after forward
+      (``_post_forward_reshard`` in ``torch/distributed/fsdp/_runtime_utils.py``);
+    * ``True`` (every unit resharded, the root too; no FSDP1 strategy does this):
+      ``(N−1)/N · (2W + G)``;
+    * ``False`` (none resharded, FSDP1's ``SHARD_GRAD_OP``): ``(N−1)/N · (W + G)``.
 
     With LoRA, G is only the adapter's (4 bytes each) but under FSDP W is the whole frozen
     base: sharding buys memory with traffic. ``n_unquantized`` as in :func:`training_bytes`.

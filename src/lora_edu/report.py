@@ -50,8 +50,11 @@ _SPEC = re.compile(r"^\{:(?P<comma>[,_]?)(?:\.(?P<prec>\d+))?(?P<type>[gGn]?)\}$
 def glue(name: str, value: Any, display: bool = False) -> Any:
     """Store ``value`` under ``name`` for ``{glue:text}`name:format``` roles in the prose.
 
-    Returns ``value`` so that a cell can glue and use a number in one line.
+    Returns ``value`` so that a cell can glue and use a number in one line. A numpy scalar
+    or 0-d array/tensor is stored as the Python number it holds: numpy 2 writes
+    ``np.float64(0.5)`` as its repr, which a ``{glue:text}`name:.1f``` role cannot format.
     """
+    value = _scalar(value)
     try:
         from myst_nb import glue as _glue
     except ImportError:  # Colab, a plain Jupyter or a script: nothing to glue into
