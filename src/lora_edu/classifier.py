@@ -154,21 +154,12 @@ def load_classifier(num_labels: int = len(CATEGORIES), seed: int = 0,
     is the tokenizer's, so that the model reads each sentence's last real token. Returns the
     model in eval mode.
     """
-    import os
-
     from transformers import AutoTokenizer, LlamaForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from lora_edu.pretrained import ModelCacheError, _in_colab, check_cache, fetch_smollm2
+    from lora_edu.pretrained import model_folder
 
-    if fetch is None:
-        fetch = _in_colab() or os.environ.get("LORA_EDU_FETCH") == "1"
-    try:
-        folder = check_cache(root)
-    except ModelCacheError:
-        if not fetch:
-            raise
-        folder = fetch_smollm2(root)
+    folder = model_folder(root, fetch)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised": that is the point

@@ -169,6 +169,20 @@ def _in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
+def model_folder(root: Path | str | None = None, fetch: bool | None = None) -> Path:
+    """The verified cache folder of SmolLM2-135M-Instruct, fetched first if it is missing and
+    ``fetch`` allows it (``None``: only in Colab or with ``LORA_EDU_FETCH=1``); otherwise the
+    cache's :class:`ModelCacheError`, which names ``make model``."""
+    if fetch is None:
+        fetch = _in_colab() or os.environ.get("LORA_EDU_FETCH") == "1"
+    try:
+        return check_cache(root)
+    except ModelCacheError:
+        if not fetch:
+            raise
+        return fetch_smollm2(root)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  root: str | os.PathLike | None = None, fetch: bool | None = None
                  ) -> tuple[Any, Any]:
@@ -191,14 +205,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     """
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
-    if fetch is None:
-        fetch = _in_colab() or os.environ.get("LORA_EDU_FETCH") == "1"
-    try:
-        folder = check_cache(root)
-    except ModelCacheError:
-        if not fetch:
-            raise
-        folder = fetch_smollm2(root)
+    folder = model_folder(root, fetch)
     import warnings
 
     with warnings.catch_warnings():  # tqdm's "IProgress not found" when imported in Jupyter
