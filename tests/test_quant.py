@@ -697,28 +697,41 @@ def test_quantize_modules_stores_more_layers_in_4bit_without_adapters():
 
 # ----------------------------------------------------------------- chapter 13's sweep helpers
 
-def test_the_control_puts_the_fp32_adapters_unchanged_on_the_nf4_base() -> None:
-    """benchmarks/qlora_sweep.transplant: same A and B, base in NF4, nothing else trained."""
+def _qlora_sweep():
+    """benchmarks/qlora_sweep.py, imported as a module."""
     import importlib
     import sys
     from pathlib import Path
 
-    from lora_edu.lora import inject_lora, lora_layers
-    from lora_edu.models import load_pretrained
-    from lora_edu.quant import Linear4bit, LoRALinear4bit
-
     bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
     sys.path.insert(0, bench)
     try:
-        qs = importlib.import_module("qlora_sweep")
+        return importlib.import_module("qlora_sweep")
     finally:
         sys.path.remove(bench)
-    s = qs.setup()
-    fp32, _ = load_pretrained("gpt-cpu")
-    inject_lora(fp32, LoraConfig(r=8, lora_alpha=16, target_modules=qs.ALL_LINEAR))
+
+
+def _gpt_with_lora(config: LoraConfig) -> nn.Module:
+    """The toy GPT with LoRA per ``config`` and B nonzero, as if trained."""
+    from lora_edu.lora import inject_lora, lora_layers
+    from lora_edu.models import load_pretrained
+
+    model, _ = load_pretrained("gpt-cpu")
+    inject_lora(model, config)
     with torch.no_grad():
-        for _, layer in lora_layers(fp32):
+        for _, layer in lora_layers(model):
             layer.lora_B.normal_(std=0.01)
+    return model
+
+
+def test_the_control_puts_the_fp32_adapters_unchanged_on_the_nf4_base() -> None:
+    """benchmarks/qlora_sweep.transplant: same A and B, base in NF4, nothing else trained."""
+    from lora_edu.lora import lora_layers
+    from lora_edu.quant import Linear4bit, LoRALinear4bit
+
+    qs = _qlora_sweep()
+    s = qs.setup()
+    fp32 = _gpt_with_lora(LoraConfig(r=8, lora_alpha=16, target_modules=qs.ALL_LINEAR))
     moved = qs.transplant(s, fp32)
     trained = dict(fp32.named_modules())
     layers = [(n, m) for n, m in moved.named_modules() if isinstance(m, LoRALinear4bit)]
@@ -731,27 +744,13 @@ def test_the_control_puts_the_fp32_adapters_unchanged_on_the_nf4_base() -> None:
 
 def test_the_qv_control_moves_only_the_qv_adapters_onto_an_all_nf4_base() -> None:
     """qlora_sweep.transplant(kind=QV[1]): adapters on q and v only, every block linear in NF4."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    from lora_edu.lora import inject_lora, lora_layers
-    from lora_edu.models import load_pretrained
+    from lora_edu.lora import lora_layers
     from lora_edu.quant import Linear4bit, LoRALinear4bit
 
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        qs = importlib.import_module("qlora_sweep")
-    finally:
-        sys.path.remove(bench)
+    qs = _qlora_sweep()
     s = qs.setup()
     _, targets, r, _ = s.kinds[qs.QV[0]]
-    fp32, _ = load_pretrained("gpt-cpu")
-    inject_lora(fp32, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
-    with torch.no_grad():
-        for _, layer in lora_layers(fp32):
-            layer.lora_B.normal_(std=0.01)
+    fp32 = _gpt_with_lora(LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
     moved = qs.transplant(s, fp32, qs.QV[1])
     trained = dict(fp32.named_modules())
     adapted = {n for n, m in moved.named_modules() if isinstance(m, LoRALinear4bit)}
