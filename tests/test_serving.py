@@ -387,10 +387,11 @@ def test_committed_benchmark_names_the_figures_the_chapter_reads() -> None:
                 times = f["times_s"]
                 assert {"auto", "loop", "peft_mixed", f["one_at_a_time_baseline"]} <= set(times)
                 assert all(len(t) == rounds for t in times.values())
-                # the stored ratio is the one the per-round times give
+                # the stored ratio is the one the per-round times give (the ratio is stored
+                # to 4 decimals, the times to 1e-7 s: about 1e-5 of each)
                 r = round_ratio(times["peft_mixed"], times["auto"])
                 assert f["speed_ratios"]["auto_over_peft_mixed"]["median"] == pytest.approx(
-                    r.median, abs=1e-4)
+                    r.median, rel=1e-4, abs=1e-4)
         mixed = rec["figures"][f"{shape}_32_adapters_mixed_ranks"]
         assert mixed["padding_fraction_gathered"] > 0
     dec = rec["decode_kv_cache"]
