@@ -411,9 +411,11 @@ def lora_targets() -> str:
           text(132, y, "adapted: W stays frozen, B and A train", "s", anchor="start")]
     b += [text(20, y + 28, "The paper (and this chapter): W_{q} and W_{v} in every block.", "s",
                anchor="start"),
-          text(20, y + 48, "PEFT's \"all-linear\": W_{q}, W_{k}, W_{v}, W_{o}, fc1 and fc2 "
-               "(not the output layer).", "s", anchor="start")]
-    return svg("lora-targets", 580, y + 64, "Where LoRA goes in a transformer block",
+          text(20, y + 48, "PEFT's \"all-linear\": W_{q}, W_{k}, W_{v}, W_{o}, fc1 and fc2; "
+               "on a transformers", "s", anchor="start"),
+          text(20, y + 66, "PreTrainedModel it leaves out the output layer; on other models it does not.",
+               "s", anchor="start")]
+    return svg("lora-targets", 580, y + 82, "Where LoRA goes in a transformer block",
                "A pre-norm transformer block, top to bottom. The residual stream x goes through "
                "LayerNorm ln1 and then into three projections side by side: W_q, W_k and W_v. "
                "W_q and W_v are adapted with LoRA (the frozen weight plus a trained s times B A); "
@@ -423,7 +425,8 @@ def lora_targets() -> str:
                "residual connection adds the block's input back. Then LayerNorm ln2, the frozen "
                "MLP (fc1, GELU, fc2), and a second residual addition lead to the next block. "
                "The paper adapts W_q and W_v in every block; PEFT's all-linear adapts every "
-               "linear layer of the block but not the model's output layer.", b)
+               "linear layer of the block, and on a transformers PreTrainedModel leaves out "
+               "the model's output layer (on any other model it adapts every linear layer).", b)
 
 
 def fused_c_attn() -> str:
