@@ -25,11 +25,15 @@ combinations, as chapter 12 reports them (``benchmarks/results/combine_tasks-eva
   ``shift-s{i}``: one seed, one initial A for both tasks), the control for
   :data:`CONTROL_METHODS`;
 * every combination type of :data:`METHODS` gets its overall scale λ (``W0 + λ ΔW``) chosen on
-  a **validation** split with the **selection seeds** 0–2 (the grid :data:`LAMBDAS`, extended
-  while the best is at its edge), by mean per-token accuracy over both tasks;
-* at that λ it is scored on a **test** split with the fresh **report seeds** 3–5, per prompt
-  (answer tokens right, so exact match and per-token accuracy), beside each adapter alone and
-  the base model. Validation and test prompts are disjoint from every adapter's training data.
+  a **validation** split with the **selection seeds** 0–2, separately on each measure of
+  :data:`MEASURES` (mean per-token accuracy and mean greedy exact match over both tasks): the
+  grid :data:`LAMBDAS` is extended by √2 while either measure's best λ is at its edge, and the
+  final grid is recorded;
+* at each measure's chosen λ and its runner-up (second best on validation) it is scored on a
+  **test** split with the fresh **report seeds** 3–5, per prompt (answer tokens right, so
+  exact match and per-token accuracy), beside each adapter alone and the base model, so that a
+  verdict can be checked at the near-tied λ. Validation and test prompts are disjoint from
+  every adapter's training data.
 
     python benchmarks/combine_tasks.py --seeds 3 4 5 --result \
         benchmarks/results/combine_tasks-seed3-5-cpu.json      # the fresh report adapters
@@ -150,6 +154,8 @@ def main() -> int:
     parser.add_argument("--n-test", type=int, default=256, help="test prompts per task")
     parser.add_argument("--adapters", type=Path, default=ASSETS,
                         help="with --evaluate: the directory of the adapters to combine")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="with --evaluate on a CPU: torch threads (accuracies only)")
     parser.add_argument("--lock", type=Path, default=None,
                         help="flock this file while each configuration is scored")
     args = parser.parse_args()
@@ -281,10 +287,6 @@ def summary(items: dict) -> dict:
     return out
 
 
-def mean_em(result: dict) -> float:
-    return sum(r["exact_match"] for r in result.values()) / len(result)
-
-
 def combination(adapters: dict, pair: tuple[str, str], method: str, index: int) -> dict:
     """One pair's combined adapter (weights 1 and 1; λ is applied when merging)."""
     return combine_named_adapters(
@@ -293,9 +295,17 @@ def combination(adapters: dict, pair: tuple[str, str], method: str, index: int) 
         generator=torch.Generator().manual_seed(1000 + index))
 
 
+#: The validation measures λ is chosen on, each separately: its verdicts are stated on the
+#: measure their λ was chosen on. The second element of each key breaks ties.
+MEASURES = ("token_accuracy", "exact_match")
+#: Extension stops at these bounds (a factor 2^6 from λ = 1 either way), recorded as an edge.
+LAMBDA_BOUNDS = (2.0 ** -6, 2.0 ** 4)
+
+
 def choose_lambda(model, adapters, batches, design, method, grid) -> dict:
-    """Score the λ grid on validation with the selection pairs; extend it while the best λ is
-    at an edge (up to 4 steps each way); return every point and the choice."""
+    """Score the λ grid on validation with the selection pairs, and extend it (a factor √2 per
+    step) while the best λ on either measure of :data:`MEASURES` is at an edge of the grid;
+    return every point and, per measure, the chosen λ and the runner-up (second best)."""
     combos = [combination(adapters, p, method, i)
               for i, p in enumerate(pairs(design, SELECT_SEEDS))]
     points: dict[float, list] = {}
@@ -304,32 +314,46 @@ def choose_lambda(model, adapters, batches, design, method, grid) -> dict:
         lam = round(lam, 4)
         if lam not in points:
             points[lam] = [summary(score(model, batches, c, lam)) for c in combos]
-            tok, em = _val_key(points[lam])
-            print(f"  {design:11s} {method:15s} λ={lam:<6g} validation: token accuracy "
+            tok, em = _val_key(points[lam], "token_accuracy")
+            print(f"  {design:11s} {method:15s} λ={lam:<7g} validation: token accuracy "
                   f"{tok:.3f}, exact match {em:.3f}", flush=True)
 
     for lam in grid:
         run(lam)
-    for _ in range(4):
-        ranked = sorted(points, key=lambda x: _val_key(points[x]), reverse=True)
-        best, lams = ranked[0], sorted(points)
-        if best == lams[-1]:
-            run(best * 2 ** 0.5)
-        elif best == lams[0]:
-            run(best / 2 ** 0.5)
-        else:
+    while True:
+        lams, grow = sorted(points), None
+        for measure in MEASURES:
+            best = max(lams, key=lambda x: _val_key(points[x], measure))
+            if best == lams[-1] and best * 2 ** 0.5 <= LAMBDA_BOUNDS[1]:
+                grow = best * 2 ** 0.5
+            elif best == lams[0] and best / 2 ** 0.5 >= LAMBDA_BOUNDS[0]:
+                grow = best / 2 ** 0.5
+            if grow is not None:
+                break
+        if grow is None:
             break
-    ranked = sorted(points, key=lambda x: _val_key(points[x]), reverse=True)
-    return {"chosen": ranked[0], "runner_up": ranked[1],
+        run(grow)
+    lams = sorted(points)
+    by = {}
+    for measure in MEASURES:
+        ranked = sorted(lams, key=lambda x: _val_key(points[x], measure), reverse=True)
+        by[measure] = {"chosen": ranked[0], "runner_up": ranked[1],
+                       "at_edge": ranked[0] in (lams[0], lams[-1]),
+                       "value": _val_key(points[ranked[0]], measure)[0],
+                       "runner_up_value": _val_key(points[ranked[1]], measure)[0]}
+    return {"chosen": by["token_accuracy"]["chosen"],          # the main measure's choice
+            "runner_up": by["token_accuracy"]["runner_up"],
+            "by_measure": by, "lambdas": lams,
             "grid": {str(lam): per_pair for lam, per_pair in sorted(points.items())}}
 
 
-def _val_key(per_pair: list[dict]) -> tuple[float, float]:
-    """Validation criterion: mean per-token accuracy over pairs and tasks (finer-grained than
-    exact match, which is near 0 for many combinations), then mean exact match."""
-    em = sum(mean_em(r) for r in per_pair) / len(per_pair)
-    tok = sum(sum(t["token_accuracy"] for t in r.values()) / len(r) for r in per_pair)
-    return tok / len(per_pair), em
+def _val_key(per_pair: list[dict], measure: str) -> tuple[float, float]:
+    """Validation criterion: the mean of ``measure`` over pairs and tasks, then the other
+    measure of :data:`MEASURES` (ties are frequent in exact match, which is often near 0)."""
+    def mean(key: str) -> float:
+        return sum(sum(t[key] for t in r.values()) / len(r) for r in per_pair) / len(per_pair)
+    other = next(m for m in MEASURES if m != measure)
+    return mean(measure), mean(other)
 
 
 def hits_string(hits: torch.Tensor) -> str:
@@ -338,7 +362,8 @@ def hits_string(hits: torch.Tensor) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    torch.set_num_threads(1 if get_device().type == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(args.threads if get_device().type == "cpu"
+                          else torch.get_num_threads())
     device = get_device()
     start = time.time()
     model, tokenizer = load_smollm2(device=device)
@@ -368,8 +393,18 @@ def evaluate(args: argparse.Namespace) -> int:
                            "n_val": args.n_val, "n_test": args.n_test,
                            "val_seed": VAL_SEED, "test_seed": TEST_SEED,
                            "answer_tokens": ANSWER_TOKENS,
-                           "criterion": "mean per-token accuracy over both tasks and the "
-                                        "selection pairs (ties: mean greedy exact match)",
+                           "criterion": "λ chosen separately on each measure: mean "
+                                        "per-token accuracy (ties: mean greedy exact match) "
+                                        "and mean greedy exact match (ties: mean per-token "
+                                        "accuracy), over both tasks and the selection pairs; "
+                                        "the grid is extended by a factor √2 while either "
+                                        "measure's best λ is at its edge (bounds "
+                                        f"{LAMBDA_BOUNDS[0]:g} to {LAMBDA_BOUNDS[1]:g})",
+                           "test_lambdas": "test[design][type]['at'] holds the report pairs "
+                                           "scored at every λ chosen or ranked second on "
+                                           "either measure; 'lambda'/'pairs' are the "
+                                           "token-accuracy choice",
+                           "threads": torch.get_num_threads(),
                            "dare_generator": "torch.Generator().manual_seed(1000 + pair "
                                              "index), one draw per combination"},
               "examples": examples}
@@ -385,16 +420,24 @@ def evaluate(args: argparse.Namespace) -> int:
             with cpu_lock(args.lock):
                 chosen = choose_lambda(model, adapters, batches["validation"], design, method,
                                        args.lambdas)
-                report = []
-                for i, pair in enumerate(pairs(design, REPORT_SEEDS)):
-                    combo = combination(adapters, pair, method, i)
-                    report.append({"pair": pair, **test_items(combo, chosen["chosen"])})
+                # every λ some measure chose or ranked second, scored on the report pairs
+                scored = sorted({chosen["by_measure"][m][k] for m in MEASURES
+                                 for k in ("chosen", "runner_up")})
+                combos = [combination(adapters, pair, method, i)
+                          for i, pair in enumerate(pairs(design, REPORT_SEEDS))]
+                at = {str(lam): [{"pair": pair, **test_items(c, lam)}
+                                 for pair, c in zip(pairs(design, REPORT_SEEDS), combos)]
+                      for lam in scored}
             result["selection"][design][method] = chosen
-            result["test"][design][method] = {"lambda": chosen["chosen"], "pairs": report}
+            result["test"][design][method] = {"lambda": chosen["chosen"],
+                                              "pairs": at[str(chosen["chosen"])], "at": at}
+            report = at[str(chosen["chosen"])]
             em = {t: sum(r[t]["hits"].count(str(ANSWER_TOKENS)) for r in report)
                   / (len(report) * args.n_test) for t in TASKS}
-            print(f"{design} {method}: λ = {chosen['chosen']:g}; test exact match {em} "
-                  f"({time.time() - start:.0f} s)", flush=True)
+            picks = ", ".join(f"{m} {chosen['by_measure'][m]['chosen']:g} (runner-up "
+                              f"{chosen['by_measure'][m]['runner_up']:g})" for m in MEASURES)
+            print(f"{design} {method}: λ by {picks}; grid {chosen['lambdas']}; test exact "
+                  f"match at the token-chosen λ {em} ({time.time() - start:.0f} s)", flush=True)
     result["wall_seconds"] = round(time.time() - start)
     write_result(result, "combine_tasks-eval", device, out=args.result)
     return 0
