@@ -5,7 +5,9 @@ Every configuration (a method, its size, a start) is tuned the same way
 **selection seeds**, the best mean **validation** accuracy picks the rate (a best at the
 window's edge widens the window, up to the grid's ends), and the chosen rate then runs with
 the five **report seeds**, which took no part in the choice; the chapter reads their **test**
-accuracy. The arms (:class:`lora_edu.intrinsic.TransferExperiment` says what each trains and
+accuracy. The runner-up rate (the second-best mean validation accuracy) runs with the same
+report seeds (``runner_up``), so that every verdict can be checked at it too: where two rates
+are within the selection noise, a verdict that flips between them rests on the choice. The arms (:class:`lora_edu.intrinsic.TransferExperiment` says what each trains and
 what a seed fixes):
 
 * the pretrained start (task A, 1,000 steps): full fine-tuning, the head alone, LoRA + head at
@@ -15,14 +17,15 @@ what a seed fixes):
   take no part in ``d90`` or in the one-rate control);
 * the start from scratch: full training and DID;
 * DID on the pretrained start with **one** learning rate for every ``d`` (the rate whose mean
-  validation accuracy over all ``d`` is best), against the rate tuned for each ``d``;
+  validation accuracy over all ``d`` is best, and its runner-up), against the rate tuned for
+  each ``d``;
 * pretraining length: full fine-tuning, DID and SAID from starts pretrained for 0-3,000 steps;
 * a task B with a teacher of its own (Exercise 4): full training and DID from both starts.
 
 Writes ``benchmarks/results/intrinsic_dimension-cpu.json`` (accuracies, no timings). About
-16 minutes on one idle CPU core.
+20 minutes on one idle CPU core.
 
-    python benchmarks/intrinsic_dimension.py --workers 2     # about 8 minutes on 2 cores
+    python benchmarks/intrinsic_dimension.py --workers 2     # about 10 minutes on 2 cores
     python benchmarks/intrinsic_dimension.py --quick --out /tmp/id.json   # a smoke test
 """
 
@@ -54,9 +57,10 @@ OWN_TEACHER = 7
 
 
 def tune(ex: TransferExperiment, method: str, size: int, start: str = "pretrained",
-         pre_steps: int = PRE_STEPS, seeds: tuple[int, ...] = SELECT_SEEDS,
+         pre_steps: int = PRE_STEPS, seeds: tuple[int, ...] | None = None,
          log: str = "") -> dict:
     """Selection runs over a window of GRID, widened while the best sits at its edge."""
+    seeds = SELECT_SEEDS if seeds is None else seeds     # read at call time (--quick sets it)
     lo, hi = GRID.index(WINDOW[0]), GRID.index(WINDOW[1])
     val: dict[float, list[float]] = {}
     while True:
@@ -72,15 +76,24 @@ def tune(ex: TransferExperiment, method: str, size: int, start: str = "pretraine
             hi += 1
         else:
             break
-    ranked = sorted(means.items(), key=lambda kv: -kv[1])
+    runner_up = runner_up_lr(means)
     print(f"  {log}{method} {size} {start} pre={pre_steps}: lr {best:g} "
-          f"(val {means[best]:.4f}; next {ranked[1][0]:g} at {ranked[1][1]:.4f})", flush=True)
+          f"(val {means[best]:.4f}; next {runner_up:g} at {means[runner_up]:.4f})", flush=True)
     return {"selection": [{"lr": lr, "val": val[lr]} for lr in sorted(val)],
-            "best_lr": best, "at_grid_edge": GRID.index(best) in (0, len(GRID) - 1)}
+            "best_lr": best, "runner_up_lr": runner_up,
+            "at_grid_edge": GRID.index(best) in (0, len(GRID) - 1)}
+
+
+def runner_up_lr(means: dict[float, float]) -> float:
+    """The rate with the second-best mean validation accuracy (ties: the smaller rate), the
+    same order that picks the best."""
+    ranked = sorted(means, key=lambda lr: (-means[lr], lr))
+    return ranked[1]
 
 
 def report(ex: TransferExperiment, method: str, size: int, lr: float, start: str,
-           pre_steps: int, seeds: tuple[int, ...] = REPORT_SEEDS) -> dict:
+           pre_steps: int, seeds: tuple[int, ...] | None = None) -> dict:
+    seeds = REPORT_SEEDS if seeds is None else seeds     # read at call time (--quick sets it)
     runs = [ex.run(method, size, lr, s, start, pre_steps) for s in seeds]
     return {"lr": lr, "seeds": list(seeds), "val": [r["val"] for r in runs],
             "test": [r["test"] for r in runs]}
@@ -89,11 +102,15 @@ def report(ex: TransferExperiment, method: str, size: int, lr: float, start: str
 def config(ex: TransferExperiment, method: str, size: int, start: str = "pretrained",
            pre_steps: int = PRE_STEPS, teacher: int = 0, projection: str = "hadamard",
            log: str = "") -> dict:
+    """One configuration: tuned on the selection seeds, then reported on the report seeds at
+    the chosen rate (``report``) and at the runner-up rate (``runner_up``), so that a verdict
+    can be checked against the choice between two near-tied rates."""
     tuned = tune(ex, method, size, start, pre_steps, log=log)
     return {"method": method, "size": size, "start": start, "pre_steps": pre_steps,
             "teacher": teacher, "projection": projection,
             "trainable": ex.trainable(method, size), **tuned,
-            "report": report(ex, method, size, tuned["best_lr"], start, pre_steps)}
+            "report": report(ex, method, size, tuned["best_lr"], start, pre_steps),
+            "runner_up": report(ex, method, size, tuned["runner_up_lr"], start, pre_steps)}
 
 
 _EXPERIMENTS: dict[str, TransferExperiment] = {}
@@ -191,12 +208,17 @@ def main() -> int:
                                                  if s["lr"] == lr)) for c in did]))
                 for lr in common}
     single = max(sorted(mean_val), key=lambda lr: mean_val[lr])
-    redo = [c for c in did if c["best_lr"] != single]
-    redone = _run_jobs([("main", "report", ("did", c["size"], single, "pretrained", PRE_STEPS),
-                         {}) for c in redo], pool)
-    by_size = {c["size"]: r for c, r in zip(redo, redone)}
-    result["single_lr"] = {"lr": single, "mean_val": mean_val, "report": {
-        str(c["size"]): by_size.get(c["size"], c["report"]) for c in did}}
+    single_2nd = runner_up_lr(mean_val)
+    result["single_lr"] = {"lr": single, "runner_up_lr": single_2nd, "mean_val": mean_val}
+    for key, lr in (("report", single), ("runner_up", single_2nd)):
+        # a configuration's own report at this rate is reused (same rate, same seeds)
+        done = {c["size"]: c[k] for c in did for k in ("report", "runner_up")
+                if c[k]["lr"] == lr}
+        redo = [c for c in did if c["size"] not in done]
+        redone = _run_jobs([("main", "report", ("did", c["size"], lr, "pretrained",
+                                                PRE_STEPS), {}) for c in redo], pool)
+        done.update({c["size"]: r for c, r in zip(redo, redone)})
+        result["single_lr"][key] = {str(c["size"]): done[c["size"]] for c in did}
     if pool:
         pool.close()
     for steps in PRE_SWEEP:
