@@ -1,6 +1,6 @@
 """Inference latency of LoRA merged, unmerged and bottleneck adapters, in the shape of Table 1.
 
-Usage: python benchmarks/merge_latency.py [--rounds N] [--out PATH]
+Usage: python benchmarks/merge_latency.py [--rounds N] [--quick] [--out PATH]
 
 Run it on an otherwise idle machine (the load average is recorded at the start and the end).
 The small GPT (``cpu`` preset on a CPU, ``gpu`` preset on a GPU) runs one forward pass in five
@@ -10,11 +10,17 @@ Houlsby adapters after the attention output and the MLP of every block ("Adapter
 follow the LoRA paper's Table 1 (batch × sequence 32×512, 16×256, 1×128 on a GPU; scaled down
 on a CPU: 8×128, 2×64, 1×16 at width 128).
 
+A single forward pass at the smallest shapes lasts about a millisecond, too short to time
+alone, so every timing runs a fixed number of forward passes, the same for every version of a
+shape: enough that each timing covers as many tokens as one pass of the largest shape
+(``calls_per_timing`` in the settings; times are written per forward pass).
+
 Statistics (``../shared/EVIDENCE.md`` §5): each round runs all five versions back to back in a
-rotated order; each version's time relative to the base is the median of the per-round ratios,
-with their quartiles and the 95 % interval of the geometric-mean ratio (paired over rounds,
-:func:`lora_edu.serving.round_ratio`). On a GPU the clock is elapsed time; on a CPU it is the
-CPU time of the one thread PyTorch runs on, so a CPU figure is a one-thread figure at toy width.
+rotated order; each version's time relative to the base is the geometric mean of the per-round
+ratios with its own 95 % interval (paired over rounds, :func:`lora_edu.serving.round_ratio`;
+their median and quartiles are stored as the spread). On a GPU the clock is elapsed time; on
+a CPU it is the CPU time of the one thread PyTorch runs on, so a CPU figure is a one-thread
+figure at toy width.
 Writes ``benchmarks/results/merge_latency-<device>.json`` with every round's milliseconds, the
 ratios, and the paper's figures for reference.
 """
@@ -71,12 +77,25 @@ def build_versions(device: torch.device, block: int) -> dict[str, nn.Module]:
             "adapter_h": adapter}
 
 
+def calls_per_timing(shapes: list[tuple[int, int]]) -> dict[str, int]:
+    """Forward passes per timing for each shape: batch·seq tokens times this count matches the
+    largest shape's tokens (at least one pass)."""
+    most = max(b * t for b, t in shapes)
+    return {f"{b}x{t}": max(1, most // (b * t)) for b, t in shapes}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="paired rounds (default 30)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 rounds, written to /tmp unless --out says otherwise: checks the "
+                             "script runs (figures meaningless)")
     parser.add_argument("--out", type=Path, default=None,
                         help="result file (default benchmarks/results/merge_latency-<device>.json)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = 3
+        args.out = args.out or Path("/tmp/merge_latency-quick.json")
     device = get_device()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -84,34 +103,50 @@ def main() -> int:
     shapes = SHAPES["cuda" if device.type == "cuda" else "cpu"]
     clock = "wall" if device.type == "cuda" else "thread"
     versions = build_versions(device, max(t for _, t in shapes))
+    repeat = calls_per_timing(shapes)
     figures, rows = {}, []
+
+    def passes(model: nn.Module, x: torch.Tensor, n: int):
+        def call() -> None:
+            for _ in range(n):   # the same count for every version of this shape
+                model(x)
+        return call
+
     with torch.inference_mode():
         for batch, seq in shapes:
             idx = torch.randint(0, 256, (batch, seq), device=device)
-            calls = {n: (lambda m=m, x=idx: m(x)) for n, m in versions.items()}
+            reps = repeat[f"{batch}x{seq}"]
+            calls = {name: passes(m, idx, reps) for name, m in versions.items()}
             times = interleaved_timings(calls, repeats=args.rounds, warmup=2, clock=clock)
+            times = {name: [v / reps for v in t] for name, t in times.items()}  # per pass
             ratios = {n: round_ratio(t, times["base"]) for n, t in times.items() if n != "base"}
             figures[f"{batch}x{seq}"] = {
                 "median_ms": {n: round(1e3 * statistics.median(t), 4) for n, t in times.items()},
                 "over_base": {n: r.as_dict() for n, r in ratios.items()},
                 "per_round_ms": {n: [round(1e3 * v, 5) for v in t] for n, t in times.items()}}
             rows.append((batch, seq, 1e3 * statistics.median(times["base"]),
-                         *(ratios[n].median for n in ("base_again", "lora_merged",
-                                                      "lora_unmerged", "adapter_h"))))
+                         *(ratios[n].geomean for n in ("base_again", "lora_merged",
+                                                       "lora_unmerged", "adapter_h"))))
     show_table(rows, ["batch", "seq", "base ms", "base again ×", "merged ×", "unmerged ×",
                       "AdapterH ×"],
-               title=f"Forward pass on {device.type} ({clock} time, median of {args.rounds} "
-                     "paired rounds)", numeric_format="{:.3f}")
+               title=f"Forward pass on {device.type} ({clock} time; base: median ms, others: "
+                     f"geometric mean of {args.rounds} paired rounds' ratios)",
+               numeric_format="{:.3f}")
     result = {
         **provenance("merge_latency", device),
         "load_average_1_5_15min": {"start": [round(v, 2) for v in load_start],
                                    "end": [round(v, 2) for v in os.getloadavg()]},
         "duration_s": round(time.time() - t_start, 1),
         "settings": {"rounds": args.rounds, "warmup_rounds": 2, "clock": clock,
+                     "quick": args.quick,
                      "torch_threads": torch.get_num_threads(),
-                     "statistic": "per version: median of the per-round ratios to the base, "
-                                  "quartiles, 95 % CI of the geometric mean "
-                                  "(lora_edu.serving.round_ratio)",
+                     "calls_per_timing": repeat,
+                     "per_round_ms": "milliseconds per forward pass: each timing runs "
+                                     "calls_per_timing passes (the same for every version of "
+                                     "a shape) and is divided by that count",
+                     "statistic": "per version: geometric mean of the per-round ratios to the "
+                                  "base with its 95 % CI; median and quartiles of the ratios "
+                                  "as the spread (lora_edu.serving.round_ratio)",
                      "model": ("gpu preset" if device.type == "cuda" else
                                "cpu preset (d_model 128, 4 layers)"),
                      "lora": "r=8, alpha=16 on q and v", "adapter": "AdapterH, bottleneck 16"},

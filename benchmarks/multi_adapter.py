@@ -25,7 +25,15 @@ cache: the forward pass of one step). Arms, timed in rotating rounds:
 * ``merged_one_at_a_time``, ``swapped_one_at_a_time``: for each adapter, merge it (or make it
   the only active unmerged adapter) and run its requests as their own batch
   (:class:`lora_edu.serving.OneAdapterAtATime`). The faster (lower median time) is the
-  one-at-a-time baseline.
+  one-at-a-time baseline;
+* ``peft_bookkeeping``, ``loop_bookkeeping``: only the step that finds each adapter's rows, as
+  PEFT's ``_mixed_batch_forward`` does it (a Python scan of the adapter names, then each list
+  of rows turned into an index to read and to write) and as the ``loop`` path does it (a tensor
+  comparison per adapter), once per adapted layer: what a forward pass spends on bookkeeping,
+  to test whether it explains the gap between ``peft_mixed`` and ``loop``.
+
+``auto_over_picked_path`` is an A/A control: ``auto`` runs exactly the path it picks (plus
+:func:`lora_edu.serving.choose_path` per layer), so the two must come out indistinguishable.
 
 **Decoding SmolLM2 with a KV cache.** ``requests`` prompts of one length, spread evenly over a
 few adapters on every linear layer of SmolLM2-135M (``lora_edu.pretrained.load_smollm2``),
@@ -35,16 +43,20 @@ floor); ``batched`` (one mixed batch through MultiLoRALinear); ``peft_mixed`` (o
 through PEFT's ``adapter_names``); ``merged_one_at_a_time`` (each adapter merged in turn, its
 requests decoded to completion before the next adapter's start). Per request: time to first
 token (TTFT, waiting included), time per output token after the first (TPOT) and end-to-end
-latency; per server: their mean and p95 over the requests, and tokens per second.
+latency; per server and round: their mean and p95 over the requests, and tokens per second;
+across rounds (``mean_over_rounds``): the mean of each per-round figure with its 95 % t-interval.
 
 **Statistics** (``../shared/EVIDENCE.md`` §5). Each round runs every arm once, back to back, in
-a rotated order; a ratio is the median of the per-round ratios with its quartiles, and the 95 %
-interval of the geometric-mean ratio (paired over rounds; :func:`lora_edu.serving.round_ratio`).
-Every per-round figure is written too. On a GPU the clock is elapsed time; on a CPU it is the
-CPU time of the one thread PyTorch runs on (``time.thread_time``), so a figure measured on a
-CPU is a one-thread figure at the model's own (toy) width.
+a rotated order; a ratio is the geometric mean of the per-round ratios with its own 95 %
+interval (paired over rounds; :func:`lora_edu.serving.round_ratio`), whose median and quartiles
+are stored as their spread. Every per-round figure is written too. On a GPU the clock is
+elapsed time; on a CPU it is the CPU time of the one thread PyTorch runs on
+(``time.thread_time``), so a figure measured on a CPU is a one-thread figure at the model's own
+(toy) width.
 
-Also: a layer-level sweep that sets ``SEGMENT_MIN_RANK_ROWS``, mixed ranks (the gathered path
+Also: a layer-level sweep that sets ``SEGMENT_MIN_RANK_ROWS`` (the threshold with the
+smallest worst-case slowdown, :func:`lora_edu.serving.choose_threshold`, and the thresholds it
+cannot tell from that one), mixed ranks (the gathered path
 pads to r_max, the segmented one does not), and where adapters live (bytes per adapter,
 host-to-device time at a stated PCIe bandwidth, LRU loads under Zipf traffic for an all-linear
 adapter). Writes ``benchmarks/results/multi_adapter-<device>.json``.
@@ -72,6 +84,7 @@ from lora_edu.serving import (
     OneAdapterAtATime,
     adapter_nbytes,
     choose_path,
+    choose_threshold,
     interleaved_timings,
     lru_loads,
     multi_lora_gpt,
@@ -82,6 +95,7 @@ from lora_edu.serving import (
     serve_decode,
     set_adapter_ids,
 )
+from lora_edu.stats import mean_interval
 
 ADAPTER_COUNTS = (8, 32, 128)
 POPULARITY = ("uniform", "zipf")
@@ -139,6 +153,26 @@ def speed(faster: str, slower: str, times: dict[str, list[float]]) -> dict:
     return round_ratio(times[slower], times[faster]).as_dict()
 
 
+def peft_bookkeeping(names: list[str], layers: int) -> None:
+    """What PEFT's ``LoraLayer._mixed_batch_forward`` (peft 0.21) does in every adapted layer to
+    find each adapter's rows before any product: the set of names, one Python scan of the list
+    per adapter, and each list of rows turned into an index twice (``x[rows]`` to read,
+    ``result[rows] +=`` to write)."""
+    for _ in range(layers):
+        for a in set(names):
+            rows = [i for i, item in enumerate(names) if item == a]
+            torch.as_tensor(rows)
+            torch.as_tensor(rows)
+
+
+def loop_bookkeeping(ids: torch.Tensor, layers: int) -> None:
+    """The same step in the package's ``loop`` path (``MultiLoRALinear._looped``), once per
+    adapted layer: the adapters present, then one tensor comparison per adapter."""
+    for _ in range(layers):
+        for j in torch.unique(ids).tolist():
+            (ids == j).nonzero().squeeze(1)
+
+
 def measure(device: torch.device, cfg: dict, n_adapters: int, tokens: int, popularity: str,
             rounds: int, ranks: tuple[int, ...] | None = None) -> dict:
     """Every arm on one adapter count, shape and popularity: median tokens/s, per-round times,
@@ -154,6 +188,7 @@ def measure(device: torch.device, cfg: dict, n_adapters: int, tokens: int, popul
     layer = next(m for m in model.modules() if isinstance(m, MultiLoRALinear))
     peft_model = peft_mixed_batch_model(base, model) if ranks is None else None
     names = [layer.names[j] for j in ids.tolist()]
+    n_layers = sum(isinstance(m, MultiLoRALinear) for m in model.modules())
 
     def path(mode: str):
         def call() -> None:
@@ -166,13 +201,17 @@ def measure(device: torch.device, cfg: dict, n_adapters: int, tokens: int, popul
              "swapped_one_at_a_time": lambda: one.swapped(idx, ids)}
     if peft_model is not None:  # PEFT gives an adapter one rank: not in the mixed-rank run
         calls["peft_mixed"] = lambda: peft_model(idx, adapter_names=names)
+        calls["peft_bookkeeping"] = lambda: peft_bookkeeping(names, n_layers)
+        calls["loop_bookkeeping"] = lambda: loop_bookkeeping(ids, n_layers)
     with torch.inference_mode():
         times = interleaved_timings(calls, repeats=rounds, warmup=2, clock=clock(device))
     median = {k: statistics.median(v) for k, v in times.items()}
     one_name = min(("merged_one_at_a_time", "swapped_one_at_a_time"), key=median.get)
     present = int(torch.unique(ids).numel())
     r_max = max(layer.ranks[j] for j in torch.unique(ids).tolist())
-    ratios = {"auto_over_one_at_a_time": speed("auto", one_name, times),
+    picked = choose_path(len(ids), present, r_max)
+    ratios = {"auto_over_picked_path": speed("auto", picked, times),   # A/A control
+              "auto_over_one_at_a_time": speed("auto", one_name, times),
               "auto_over_loop": speed("auto", "loop", times),
               "segmented_over_gathered": speed("segmented", "gathered", times),
               "base_over_auto": speed("base", "auto", times)}
@@ -180,7 +219,7 @@ def measure(device: torch.device, cfg: dict, n_adapters: int, tokens: int, popul
         ratios["auto_over_peft_mixed"] = speed("auto", "peft_mixed", times)
         ratios["peft_mixed_over_one_at_a_time"] = speed("peft_mixed", one_name, times)
     return {"adapters_in_batch": present,
-            "auto_path": choose_path(len(ids), present, r_max),
+            "auto_path": picked, "adapted_layers": n_layers,
             "padding_fraction_gathered": round(layer.padding_fraction(ids), 4),
             "tokens": idx.numel(),
             **{f"{k}_tokens_per_s": round(idx.numel() / v, 1) for k, v in median.items()},
@@ -193,7 +232,9 @@ def layer_sweep(device: torch.device, cfg: dict, rounds: int) -> dict:
     """One MultiLoRALinear: gathered against segmented over the number of adapters in a batch,
     for two shapes and two ranks, and the threshold on rank rows per adapter present
     (requests · r_max / adapters present, where auto switches to segmented) with the smallest
-    worst-case slowdown against the faster path (slowdowns from the median per-round ratio)."""
+    worst-case slowdown against the faster path (slowdowns from the geometric mean of the
+    per-round ratios; :func:`lora_edu.serving.choose_threshold`), and the thresholds this
+    sweep cannot tell from it."""
     d = gpt_config(cfg["preset"]).d_model
     n_req = cfg["sweep_requests"]
     gen = torch.Generator().manual_seed(0)
@@ -222,19 +263,18 @@ def layer_sweep(device: torch.device, cfg: dict, rounds: int) -> dict:
                          **{f"{m}_us": round(1e6 * statistics.median(v), 2)
                             for m, v in t.items()},
                          "segmented_over_gathered_time": seg.as_dict()})
-    regret = {}
-    for m in [2 ** i for i in range((n_req * max(ranks)).bit_length())]:
-        worst = 0.0
-        for row in rows:
-            ratio = row["segmented_over_gathered_time"]["median"]  # time seg / time gath
-            picked = ratio if row["rank_rows_per_adapter"] >= m else 1 / ratio
-            worst = max(worst, picked - 1)  # picked / faster − 1, or 0 if it is the faster
-        regret[m] = round(worst, 4)
-    best_m = min(regret, key=lambda m: (regret[m], m))
+    choice = choose_threshold(rows, [2 ** i for i in range((n_req * max(ranks)).bit_length())])
     return {"d": d, "k": d, "ranks": ranks, "requests": n_req, "rounds": rounds, "rows": rows,
-            "worst_slowdown_by_threshold": regret, "best_threshold": best_m,
-            "statistic": "median over paired rounds of the per-round time ratio "
-                         "segmented/gathered; *_us: median microseconds per layer call"}
+            "worst_slowdown_by_threshold": {m: round(w[0], 4)
+                                            for m, w in choice["worst"].items()},
+            "worst_slowdown_interval_by_threshold": {m: [round(w[1], 4), round(w[2], 4)]
+                                                     for m, w in choice["worst"].items()},
+            "best_threshold": choice["best"], "tied_with_best": choice["tied"],
+            "statistic": "geometric mean over paired rounds of the per-round time ratio "
+                         "segmented/gathered with its 95 % CI; worst slowdown of a threshold "
+                         "from the geometric means, its interval from the rows' CI ends "
+                         "(lora_edu.serving.choose_threshold); *_us: median microseconds per "
+                         "layer call"}
 
 
 def decode_latency(device: torch.device, dcfg: dict, rounds: int) -> dict:
@@ -277,17 +317,21 @@ def decode_latency(device: torch.device, dcfg: dict, rounds: int) -> dict:
     for arm in ("base", "peft_mixed", "merged_one_at_a_time"):
         ratios[arm] = {m: round_ratio(per_round[arm][m], per_round["batched"][m]).as_dict()
                        for m in metrics}
+    mean_over_rounds = {arm: {m: [round(v, 6) for v in (i.estimate, i.low, i.high)]
+                              for m, i in ((m, mean_interval(v)) for m, v in d.items())}
+                        for arm, d in per_round.items()}
     return {"settings": {**dcfg, "targets": list(DECODE_TARGETS), "clock": clk,
                          "adapter_names": list(names), "arrivals": "all requests at time 0",
                          "one_at_a_time": "each adapter's requests decoded to completion "
                                           "before the next adapter's start"},
-            "median": {arm: {m: statistics.median(v) for m, v in d.items()}
-                       for arm, d in per_round.items()},
+            "mean_over_rounds": mean_over_rounds,
             "ratio_to_batched": ratios,
             "per_round": per_round,
             "tokens_agree_with_batched": agree,
-            "statistic": "per round: mean and p95 over the requests; across rounds: median, "
-                         "and round_ratio of each arm to 'batched' (>1: larger than batched)"}
+            "statistic": "per round: mean and p95 over the requests; across rounds: the mean "
+                         "of each per-round figure and its 95 % t-interval ([mean, low, "
+                         "high]); ratio_to_batched: round_ratio of each arm to 'batched', "
+                         "geometric mean with its 95 % CI (>1: larger than batched)"}
 
 
 def where_adapters_live() -> dict:
@@ -370,32 +414,35 @@ def main() -> int:
                 figures[key_] = f
                 s = f["speed_ratios"]
                 rows.append((popularity, shape, n, f["adapters_in_batch"], f["auto_path"],
-                             s["auto_over_loop"]["median"],
-                             s["auto_over_peft_mixed"]["median"],
-                             s["auto_over_one_at_a_time"]["median"]))
+                             s["auto_over_picked_path"]["geomean"],
+                             s["auto_over_loop"]["geomean"],
+                             s["auto_over_peft_mixed"]["geomean"],
+                             s["auto_over_one_at_a_time"]["geomean"]))
     for shape, tokens in shapes.items():
         n = 32 if not args.quick else counts[0]
         f = measure(device, cfg, n, tokens, "uniform", args.rounds, ranks=MIXED_RANKS)
         figures[f"{shape}_{n}_adapters_mixed_ranks"] = f
         s = f["speed_ratios"]
         rows.append(("uniform, mixed r", shape, n, f["adapters_in_batch"], f["auto_path"],
-                     s["auto_over_loop"]["median"], float("nan"),
-                     s["auto_over_one_at_a_time"]["median"]))
+                     s["auto_over_picked_path"]["geomean"], s["auto_over_loop"]["geomean"],
+                     float("nan"), s["auto_over_one_at_a_time"]["geomean"]))
     show_table(rows, ["popularity", "shape", "adapters", "in batch", "auto picks",
-                      "auto/loop", "auto/PEFT", "auto/one-at-a-time"],
-               title=f"Speed ratios (median of paired rounds), {cfg['requests']} requests on "
+                      "auto/picked (A/A)", "auto/loop", "auto/PEFT", "auto/one-at-a-time"],
+               title=f"Speed ratios (geometric mean of paired rounds), {cfg['requests']} "
+                     f"requests on "
                      f"{device.type}, {cfg['preset']} GPT, r={cfg['r']} on q and v",
                numeric_format="{:,.3g}")
     decode = None
     if not args.skip_decode:
         decode = decode_latency(device, dcfg, args.decode_rounds)
-        med = decode["median"]
-        show_table([(arm, m["ttft_mean"] * 1e3, m["ttft_p95"] * 1e3, m["tpot_mean"] * 1e3,
-                     m["e2e_p95"] * 1e3, m["tokens_per_s"]) for arm, m in med.items()],
-                   ["server", "TTFT mean ms", "TTFT p95 ms", "TPOT ms", "e2e p95 ms",
+        mor = decode["mean_over_rounds"]
+        show_table([(arm, m["ttft_mean"][0] * 1e3, m["ttft_p95"][0] * 1e3,
+                     m["tpot_mean"][0] * 1e3, m["tpot_p95"][0] * 1e3, m["tokens_per_s"][0])
+                    for arm, m in mor.items()],
+                   ["server", "TTFT mean ms", "TTFT p95 ms", "TPOT mean ms", "TPOT p95 ms",
                     "tokens/s"],
                    title=f"SmolLM2 KV-cache decode, {dcfg['requests']} requests, "
-                         f"{dcfg['adapters']} adapters (median of {args.decode_rounds} rounds)",
+                         f"{dcfg['adapters']} adapters (mean of {args.decode_rounds} rounds)",
                    numeric_format="{:,.4g}")
     result = {
         **provenance("multi_adapter", device),
@@ -409,8 +456,13 @@ def main() -> int:
                      "mixed_ranks": MIXED_RANKS, "segment_min_rank_rows": SEGMENT_MIN_RANK_ROWS,
                      "batch_order": "sorted by adapter",
                      "statistic": "tokens/s from the median time over paired rounds; "
-                                  "speed_ratios: median of per-round ratios, quartiles, 95 % CI "
-                                  "of the geometric mean (lora_edu.serving.round_ratio)",
+                                  "speed_ratios: geometric mean of the per-round ratios with "
+                                  "its 95 % CI, and their median and quartiles as the spread "
+                                  "(lora_edu.serving.round_ratio)",
+                     "bookkeeping_arms": "peft_bookkeeping / loop_bookkeeping: only the "
+                                         "row-finding step of PEFT's _mixed_batch_forward "
+                                         "(peft 0.21) / of the loop path, once per adapted "
+                                         "layer",
                      "clock": clock(device) + (" (time.thread_time, torch on 1 thread)"
                                                if clock(device) == "thread" else "")},
         "figures": figures,

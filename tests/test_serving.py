@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -141,11 +142,41 @@ def committed_multi_adapter() -> dict:
 
 
 def test_threshold_is_the_one_the_committed_benchmark_measured() -> None:
+    from lora_edu.serving import choose_threshold
+
     sweep = committed_multi_adapter()["layer_sweep"]
-    worst = {int(m): v for m, v in sweep["worst_slowdown_by_threshold"].items()}
-    assert set(worst) >= {SEGMENT_MIN_RANK_ROWS, sweep["best_threshold"]}
-    # the constant is the measured best, up to the noise between two runs near a tie
-    assert worst[SEGMENT_MIN_RANK_ROWS] <= worst[sweep["best_threshold"]] + 0.15
+    choice = choose_threshold(sweep["rows"], sweep["worst_slowdown_by_threshold"])
+    assert choice["best"] == sweep["best_threshold"]     # the file's choice, recomputed
+    # the sweep separates thresholds (a test that every threshold passes checks nothing) ...
+    assert len(choice["tied"]) < len(choice["worst"]) and choice["best"] in choice["tied"]
+    # ... and cannot tell the package's constant from its best
+    assert SEGMENT_MIN_RANK_ROWS in choice["tied"], (
+        f"SEGMENT_MIN_RANK_ROWS = {SEGMENT_MIN_RANK_ROWS}, but the committed sweep's best is "
+        f"{choice['best']} and it tells {SEGMENT_MIN_RANK_ROWS} apart (tied: {choice['tied']})")
+
+
+def test_choose_threshold_scores_worst_slowdowns_with_intervals() -> None:
+    from lora_edu.serving import choose_threshold, threshold_worst_slowdown
+
+    def row(rank_rows: int, low: float, high: float) -> dict:
+        return {"rank_rows_per_adapter": rank_rows,
+                "segmented_over_gathered_time": {"ci95_low": low, "ci95_high": high}}
+
+    # segmented is 2x slower at 8 rank rows, 2x faster at 64, a tie at 32
+    rows = [row(8, 1.9, 2.1), row(32, 0.95, 1.05), row(64, 0.45, 0.55)]
+    est, low, high = threshold_worst_slowdown(rows, 64)  # gathered at 8 and 32
+    assert est == pytest.approx(1 / (0.95 * 1.05) ** 0.5 - 1)
+    assert low == 0 and high == pytest.approx(1 / 0.95 - 1)  # no slowdown at the low end
+    assert threshold_worst_slowdown(rows, 8)[0] == pytest.approx((1.9 * 2.1) ** 0.5 - 1)
+    choice = choose_threshold(rows, [8, 16, 32, 64, 128])
+    assert choice["best"] == 16 and choice["tied"] == [16, 32, 64]   # 32 ties, 8 and 128 lose
+    stored = {"geomean": 1.0, "ci95_low": 0.9, "ci95_high": 1.2}    # a stored geomean wins
+    assert threshold_worst_slowdown([{"rank_rows_per_adapter": 1,
+                                      "segmented_over_gathered_time": stored}], 1)[0] == 0
+    with pytest.raises(ValueError, match="at least one"):
+        threshold_worst_slowdown([], 4)
+    with pytest.raises(ValueError, match="ci95_low"):
+        threshold_worst_slowdown([row(8, 2.0, 1.0)], 4)
 
 
 def test_mixed_ranks_are_stored_without_padding() -> None:
@@ -390,12 +421,17 @@ def test_committed_benchmark_names_the_figures_the_chapter_reads() -> None:
                 # the stored ratio is the one the per-round times give (the ratio is stored
                 # to 4 decimals, the times to 1e-7 s: about 1e-5 of each)
                 r = round_ratio(times["peft_mixed"], times["auto"])
-                assert f["speed_ratios"]["auto_over_peft_mixed"]["median"] == pytest.approx(
-                    r.median, rel=1e-4, abs=1e-4)
+                stored = f["speed_ratios"]["auto_over_peft_mixed"]
+                assert stored["median"] == pytest.approx(r.median, rel=1e-4, abs=1e-4)
+                assert stored.get("geomean", (stored["ci95_low"] * stored["ci95_high"]) ** 0.5
+                                  ) == pytest.approx(r.geomean, rel=1e-3)
+                assert f["auto_path"] in times      # the A/A control's second arm
         mixed = rec["figures"][f"{shape}_32_adapters_mixed_ranks"]
         assert mixed["padding_fraction_gathered"] > 0
     dec = rec["decode_kv_cache"]
-    assert set(dec["median"]) == {"base", "batched", "peft_mixed", "merged_one_at_a_time"}
+    assert set(dec["per_round"]) == {"base", "batched", "peft_mixed", "merged_one_at_a_time"}
+    assert all({"ttft_mean", "ttft_p95", "tpot_mean", "tpot_p95"} <= set(m)
+               for m in dec["per_round"].values())
     # the same greedy tokens, up to a near-tied argmax that float rounding can flip (after
     # a flip the rest of that request differs too)
     assert all(v >= 0.9 for v in dec["tokens_agree_with_batched"].values())
@@ -434,6 +470,12 @@ def test_round_ratio_median_spread_and_verdict() -> None:
     r = round_ratio(slow, fast)
     ratios = [a / b for a, b in zip(slow, fast)]
     assert r.median == pytest.approx(sorted(ratios)[2] / 2 + sorted(ratios)[3] / 2)
+    assert r.geomean == pytest.approx(math.prod(ratios) ** (1 / len(ratios)))
+    assert r.geomean ** 2 == pytest.approx(r.low * r.high)     # the interval's centre
+    assert r.text(3, stat="geomean").startswith(f"geometric mean {r.geomean:.3f}×")
+    assert r.as_dict()["geomean"] == round(r.geomean, 4)
+    with pytest.raises(ValueError, match="stat"):
+        r.text(stat="mean")
     assert r.q1 <= r.median <= r.q3 and r.low <= r.high
     assert r.verdict == "higher" and round_ratio(fast, slow).verdict == "lower"
     same = round_ratio([1.0, 1.1, 0.9, 1.05], [1.05, 0.9, 1.1, 1.0])
@@ -532,3 +574,40 @@ def test_kv_cache_is_adapter_specific_after_the_first_adapted_layer() -> None:
         got = [(torch.equal(k0, k1), torch.equal(v0, v1))
                for (k0, v0), (k1, v1) in zip(*caches)]
         assert got == same, targets
+
+
+def _benchmark(name: str):
+    """Import benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(bench))
+
+
+def test_merge_latency_times_short_shapes_several_passes_at_a_time() -> None:
+    ml = _benchmark("merge_latency")
+    assert ml.calls_per_timing(ml.SHAPES["cpu"]) == {"8x128": 1, "2x64": 8, "1x16": 64}
+    assert ml.calls_per_timing(ml.SHAPES["cuda"]) == {"32x512": 1, "16x256": 4, "1x128": 128}
+
+
+def test_peft_bookkeeping_arm_mirrors_peft_mixed_batch_forward() -> None:
+    """The benchmark's bookkeeping arm copies the row-finding step of PEFT's mixed batch; if
+    PEFT changes that step, the arm (and the chapter's sentence about it) must follow."""
+    import inspect
+
+    from peft.tuners.lora.layer import LoraLayer
+
+    src = inspect.getsource(LoraLayer._mixed_batch_forward)
+    assert "unique_adapters = set(adapter_names)" in src
+    assert "[index for index, item in enumerate(adapter_names) if item == adapter]" in src
+    assert "x[sub_batch_indices_list[i]]" in src
+    assert "result[sub_batch_indices_list[i]] +=" in src
+    ma = _benchmark("multi_adapter")
+    ma.peft_bookkeeping(["a", "b", "a"], layers=2)
+    ma.loop_bookkeeping(torch.tensor([0, 1, 0]), layers=2)

@@ -43,12 +43,15 @@ sublayer. Unlike LoRA they cannot be merged into W0 (σ is non-linear), so they 
 work at inference; :func:`add_bottleneck_adapters` puts them into the small GPT.
 
 **Measuring.** :func:`interleaved_timings` times candidates in rotating rounds;
-:func:`round_ratio` turns two candidates' per-round times into the median of the per-round
-ratios, their spread, and a verdict (a paired t-interval of the mean log ratio, by
-:func:`lora_edu.stats.paired_difference`). :func:`serve_decode` runs greedy decoding with a KV
-cache (a transformers causal LM) and returns each request's time to first token, time per
-output token and end-to-end latency; :func:`peft_mixed_batch_model` builds the PEFT model with
-the same adapters, the baseline a PEFT user has.
+:func:`round_ratio` turns two candidates' per-round times into the geometric mean of the
+per-round ratios with its own 95 % interval (exp of a paired t-interval of the mean log ratio,
+by :func:`lora_edu.stats.paired_difference`) and a verdict from that interval; the median and
+quartiles of the per-round ratios are kept as their spread. :func:`threshold_worst_slowdown`
+scores a threshold of :func:`choose_path` on a layer sweep, with an interval.
+:func:`serve_decode` runs greedy decoding with a KV cache (a transformers causal LM) and
+returns each request's time to first token, time per output token and end-to-end latency;
+:func:`peft_mixed_batch_model` builds the PEFT model with the same adapters, the baseline a
+PEFT user has.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ __all__ = [
     "adapter_nbytes",
     "add_bottleneck_adapters",
     "choose_path",
+    "choose_threshold",
     "greedy_decode",
     "inject_multi_lora",
     "interleaved_timings",
@@ -93,6 +97,7 @@ __all__ = [
     "serve_decode",
     "set_adapter_ids",
     "sort_by_adapter",
+    "threshold_worst_slowdown",
 ]
 
 #: How a batch names its adapters: one name (or index) per request.
@@ -101,10 +106,11 @@ AdapterIds = Sequence[str] | Sequence[int] | torch.Tensor
 #: ``mode="auto"`` takes the segmented path when the gathered path would gather at least this
 #: many rank rows per adapter present (requests × r_max / adapters present), and the gathered
 #: path otherwise. Set from the layer sweep of ``benchmarks/multi_adapter.py``
-#: (``layer_sweep.best_threshold`` in its result file): the threshold with the smallest
-#: worst-case slowdown against the faster path over its shapes and ranks (near the crossover
-#: the two paths tie, so a rerun may pick a neighbouring power of two).
-SEGMENT_MIN_RANK_ROWS = 64
+#: (``layer_sweep.best_threshold`` in its result file): the power of two with the smallest
+#: worst-case slowdown against the faster path over its shapes and ranks, slowdowns from the
+#: geometric-mean per-round ratio (:func:`threshold_worst_slowdown`). The committed CPU sweep
+#: puts it at 128; ``tests/test_serving.py`` fails if this constant is not that sweep's best.
+SEGMENT_MIN_RANK_ROWS = 128
 
 
 def choose_path(requests: int, adapters_present: int, r_max: int,
@@ -568,13 +574,20 @@ def rotating_rounds(fns: Mapping[str, Callable[[], Any]], rounds: int,
 class RoundRatio:
     """The ratio ``a / b`` of two arms measured in paired rounds (EVIDENCE.md §5).
 
+    The headline is the geometric mean of the per-round ratios, ``geomean``, with its own 95 %
+    interval ``low``–``high`` (one statistic, one interval; the verdict reads that interval).
+    The median and quartiles describe the spread of the rounds; do not print the median beside
+    ``low``–``high``, which is not its interval.
+
     Attributes:
-        median: the median over rounds of the per-round ratios a_i / b_i, the headline figure.
+        median: the median over rounds of the per-round ratios a_i / b_i.
         q1, q3: the quartiles of the per-round ratios (their spread: the middle half).
         low, high: the 95 % confidence interval of the geometric-mean ratio, exp of the paired
             t-interval of mean(log a_i − log b_i) (:func:`lora_edu.stats.paired_difference`).
         rounds: the number of rounds.
         ratios: the per-round ratios, for a reader to check.
+        geomean: exp(mean(log a_i − log b_i)), the geometric mean of the per-round ratios: the
+            centre of ``low``–``high`` on a log scale (geomean² = low · high).
     """
 
     median: float
@@ -584,6 +597,7 @@ class RoundRatio:
     high: float
     rounds: int
     ratios: tuple[float, ...]
+    geomean: float
 
     @property
     def verdict(self) -> str:
@@ -592,30 +606,41 @@ class RoundRatio:
         return ("higher" if self.low > 1 else "lower" if self.high < 1
                 else "indistinguishable")
 
-    def text(self, digits: int = 2, percent: bool = False, spread: bool = False) -> str:
+    def text(self, digits: int = 2, percent: bool = False, spread: bool = False,
+             stat: str = "median") -> str:
         """``"1.19× (95 % CI 1.18–1.20)"``; with ``percent=True`` as a change,
         ``"+19.0 % (95 % CI +18.0 to +20.0 %)"``; ``spread=True`` adds the middle half of the
-        per-round ratios, ``"1.19× (middle half of 20 rounds 1.17–1.21; 95 % CI …)"``."""
+        per-round ratios, ``"1.19× (middle half of 20 rounds 1.17–1.21; 95 % CI …)"``.
+
+        ``stat="geomean"`` puts the geometric mean in front, the statistic whose interval the
+        95 % CI is, and says so (``"geometric mean 1.19× (95 % CI 1.18–1.20)"``). The default
+        ``"median"`` is kept for the chapters that still print it; prefer ``"geomean"``."""
+        if stat not in ("median", "geomean"):
+            raise ValueError(f"stat must be 'median' or 'geomean', got {stat!r}")
+        head = self.median if stat == "median" else self.geomean
+        name = "" if stat == "median" else "geometric mean "
         if percent:
             f = (lambda v: f"{100 * (v - 1):+.{digits}f}".replace("-", "−"))
             mid = (f"middle half of {self.rounds} paired rounds {f(self.q1)} to {f(self.q3)} "
                    "%; " if spread else "")
-            return f"{f(self.median)} % ({mid}95 % CI {f(self.low)} to {f(self.high)} %)"
+            return f"{name}{f(head)} % ({mid}95 % CI {f(self.low)} to {f(self.high)} %)"
         mid = (f"middle half of {self.rounds} paired rounds {self.q1:.{digits}f}–"
                f"{self.q3:.{digits}f}; " if spread else "")
-        return (f"{self.median:.{digits}f}× ({mid}95 % CI {self.low:.{digits}f}–"
+        return (f"{name}{head:.{digits}f}× ({mid}95 % CI {self.low:.{digits}f}–"
                 f"{self.high:.{digits}f})")
 
     def as_dict(self) -> dict[str, Any]:
         """The figures for a results file (rounded to 4 decimals)."""
-        return {"median": round(self.median, 4), "q1": round(self.q1, 4),
+        return {"geomean": round(self.geomean, 4), "median": round(self.median, 4),
+                "q1": round(self.q1, 4),
                 "q3": round(self.q3, 4), "ci95_low": round(self.low, 4),
                 "ci95_high": round(self.high, 4), "rounds": self.rounds}
 
 
 def round_ratio(a: Sequence[float], b: Sequence[float]) -> RoundRatio:
-    """Summarise ``a[i] / b[i]`` over paired rounds: the median of the per-round ratios with
-    their quartiles, and the confidence interval of the geometric-mean ratio.
+    """Summarise ``a[i] / b[i]`` over paired rounds: the geometric mean of the per-round
+    ratios with its 95 % confidence interval (paired t-interval of the mean log ratio), and the
+    median and quartiles of the per-round ratios (their spread).
 
     ``a`` and ``b`` are positive measurements of the same rounds (seconds, or tokens per
     second); round ``i`` of each ran back to back (:func:`interleaved_timings`,
@@ -637,7 +662,60 @@ def round_ratio(a: Sequence[float], b: Sequence[float]) -> RoundRatio:
     q1, med, q3 = np.percentile(ratios, [25, 50, 75])
     return RoundRatio(median=float(med), q1=float(q1), q3=float(q3), low=math.exp(d.low),
                       high=math.exp(d.high), rounds=len(x),
-                      ratios=tuple(float(v) for v in ratios))
+                      ratios=tuple(float(v) for v in ratios), geomean=math.exp(d.mean))
+
+
+def _ratio_summary(summary: Mapping[str, float]) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of a stored :meth:`RoundRatio.as_dict`. Files written before
+    ``geomean`` was stored give it as sqrt(low · high): the interval is symmetric in log space
+    around the mean log ratio."""
+    low, high = float(summary["ci95_low"]), float(summary["ci95_high"])
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < ci95_low <= ci95_high, got {low} and {high}")
+    return float(summary.get("geomean", math.sqrt(low * high))), low, high
+
+
+def threshold_worst_slowdown(rows: Iterable[Mapping[str, Any]], threshold: int,
+                             ) -> tuple[float, float, float]:
+    """How much slower than the faster path ``mode="auto"`` gets, at worst, over a layer
+    sweep, if it switched to the segmented path at ``threshold`` rank rows per adapter.
+
+    Each row (one shape of ``benchmarks/multi_adapter.py``'s ``layer_sweep``) carries
+    ``rank_rows_per_adapter`` and ``segmented_over_gathered_time`` (a
+    :meth:`RoundRatio.as_dict` of time segmented / time gathered, ratio ρ). The picked path
+    costs ρ times the other (segmented picked) or 1/ρ (gathered picked); its slowdown against
+    the faster path is max(0, picked − 1). Returns (estimate, low, high): the worst slowdown
+    over the rows from the geometric-mean ratios, and from the ends of each row's 95 %
+    interval that make it smallest and largest (a row-wise envelope, not a joint interval)."""
+    est = low = high = 0.0
+    n = 0
+    for row in rows:
+        g, lo, hi = _ratio_summary(row["segmented_over_gathered_time"])
+        if row["rank_rows_per_adapter"] >= threshold:       # segmented picked: costs ρ
+            e, a, b = g, lo, hi
+        else:                                               # gathered picked: costs 1/ρ
+            e, a, b = 1 / g, 1 / hi, 1 / lo
+        est, low, high = max(est, e - 1), max(low, a - 1), max(high, b - 1)
+        n += 1
+    if n == 0:
+        raise ValueError("threshold_worst_slowdown needs at least one sweep row")
+    return est, low, high
+
+
+def choose_threshold(rows: Sequence[Mapping[str, Any]], thresholds: Iterable[int],
+                     ) -> dict[str, Any]:
+    """Score every candidate threshold on a layer sweep (:func:`threshold_worst_slowdown`) and
+    pick the one with the smallest estimated worst slowdown (the smaller threshold on a tie).
+
+    Returns ``{"best": m, "worst": {m: (estimate, low, high)}, "tied": [m, ...]}``: ``tied``
+    lists the thresholds that this sweep cannot tell from the best, those whose worst slowdown
+    at the low ends of the rows' intervals is not above the best's at the high ends."""
+    worst = {int(m): threshold_worst_slowdown(rows, int(m)) for m in thresholds}
+    if not worst:
+        raise ValueError("choose_threshold needs at least one candidate threshold")
+    best = min(worst, key=lambda m: (worst[m][0], m))
+    tied = sorted(m for m, (_, lo, _) in worst.items() if lo <= worst[best][2])
+    return {"best": best, "worst": worst, "tied": tied}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
