@@ -48,11 +48,15 @@ notebooks: $(STAMP)
 
 # Graded assignments for a course (otter-grader), from assignments/NN_*.md: student notebooks
 # without solutions, autograder zips and reference solutions in _build/assignments/.
+# TAG=v0.2.0 (a tag or commit of lora-edu) pins the student notebooks' install line to it;
+# without TAG they install the book's branch.
+TAG ?=
 assignments: $(STAMP)
-	$(PY) scripts/assignments.py build
+	$(PY) scripts/assignments.py build $(if $(TAG),--tag $(TAG))
 
-# Grade every reference solution (full marks expected) and every unchanged student notebook
-# (zero expected) with `otter run`, as a class's submissions would be graded (no Docker).
+# Grade every reference solution (full marks expected), every unchanged student notebook and
+# every wrong one (well-typed wrong values or a wrapper of lora_edu's reference; zero expected)
+# with `otter run`, as a class's submissions would be graded (no Docker).
 grade-check: assignments
 	$(PY) scripts/assignments.py grade-check
 

@@ -125,9 +125,39 @@ def colab_url(chapter: Path) -> str:
             f"{chapter.stem}.ipynb")
 
 
-def install_line() -> str:
+def install_line(ref: str | None = None) -> str:
+    """The notebooks' ``%pip`` line for lora-edu: the book's branch, or ``ref`` (a tag such as
+    ``v0.2.0`` or a commit) where a course pins the package (``make assignments TAG=...``)."""
     slug, branch = repository()
-    return f'%pip install --quiet "lora-edu @ git+https://github.com/{slug}@{branch}"'
+    return f'%pip install --quiet "lora-edu @ git+https://github.com/{slug}@{ref or branch}"'
+
+
+def pinned_versions() -> dict[str, str]:
+    """``{package: version}`` of every exact pin (``name==X``) in requirements.txt."""
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", line.split("#")[0].strip())
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+# A chapter's bare extra install, e.g. "%pip install --quiet peft" (no version given).
+BARE_PIP = re.compile(r"^(?P<lead>\s*%pip install --quiet )(?P<names>[A-Za-z0-9_.\- ]+?)\s*$",
+                      re.MULTILINE)
+
+
+def pin_installs(source: str) -> str:
+    """``source`` with every bare ``%pip install --quiet name ...`` pinned to requirements.txt's
+    version (``peft`` becomes ``peft==0.21.2``), so that a Colab notebook installs the versions
+    whose behaviour the chapter asserts. Names without a pin are left as they are."""
+    pins = pinned_versions()
+
+    def pin(match: re.Match) -> str:
+        names = [f"{n}=={pins[n.lower()]}" if n.lower() in pins else n
+                 for n in match.group("names").split()]
+        return match.group("lead") + " ".join(names)
+    return BARE_PIP.sub(pin, source)
 
 
 def notebook_path(chapter: Path) -> Path:
@@ -150,6 +180,7 @@ def chapter_to_notebook(chapter: Path) -> nbformat.NotebookNode:
         if cell.cell_type == "markdown":
             cell.source = cell.source.replace(f"]({BADGE_IMAGE})", f"]({raw_badge})")
         if cell.cell_type == "code":
+            cell.source = pin_installs(cell.source)
             cell.outputs = []
             cell.execution_count = None
     nb.metadata.pop("jupytext", None)

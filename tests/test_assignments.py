@@ -1,7 +1,7 @@
 """The graded assignments (assignments/NN_*.md, built by scripts/assignments.py with otter).
 
 Fast checks of the sources; `make grade-check` runs the autograders themselves (every
-reference solution to full marks, every unchanged student notebook to zero).
+reference solution to full marks, every unchanged student notebook and every wrong one to zero).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 import jupytext
 import nbformat
 import pytest
+import torch
+import yaml
 
 import lora_edu.checks as checks
 
@@ -102,9 +104,128 @@ def test_the_master_has_otters_configuration_and_the_set_up_cell():
     assert 'grader = otter.Notebook("01_rank.ipynb")' in setup.source
 
 
+GREEK = {"α": "alpha", "β": "beta", "γ": "gamma", "δ": "delta", "ε": "eps", "η": "eta",
+         "θ": "theta", "λ": "lambda", "μ": "mu", "π": "pi", "σ": "sigma", "Σ": "S",
+         "φ": "phi", "ω": "omega"}
+# LaTeX that code does not spell: fraction and spacing commands, \top as T, operator names
+LATEX = re.compile(r"\\(?:[dt]?frac|cdot|left|right|operatorname|mathrm|text|[,;!]|quad)")
+
+
 def _normalised(text: str) -> str:
-    """Letters and digits only (ᵀ as T), so that a formula matches however it is spaced."""
-    return "".join(ch for ch in text.replace("ᵀ", "T") if ch.isalnum())
+    """Letters and digits only, so that a formula matches however it is written: in code
+    (``alpha / r * B @ A``), in Unicode (``(α/r) B A``, ``W − …``, ``ᵀ``) or in LaTeX
+    (``\\tfrac{\\alpha}{r}BA``, ``A^\\top``)."""
+    text = LATEX.sub("", text.replace("\\top", "T").replace("ᵀ", "T").replace(".T", "T"))
+    text = "".join(GREEK.get(ch, ch) for ch in text).replace("\\", "")
+    return "".join(ch for ch in text if ch.isascii() and ch.isalnum())
+
+
+def test_normalised_formulas_match_however_written():
+    code = _normalised("W0 + (alpha / r) * B @ A")
+    for written in ("W0 + (α/r) B A.", r"$W_0 + \tfrac{\alpha}{r}BA$", "W0 + (α / r)·B A"):
+        assert code in _normalised(written), written
+    assert _normalised("W − s·B A") == _normalised("W - s * B @ A")
+    assert _normalised("x @ A.T") == _normalised(r"x A^\top") == _normalised("x Aᵀ")
+
+
+def _tests(source: Path) -> list[tuple[str, str, dict]]:
+    """(question, test code, test config) of every test cell."""
+    found = []
+    for q in _questions(source):
+        name = q["config"].split("name:")[1].split()[0]
+        for test in q["tests"]:
+            config = {}
+            if test.lstrip().startswith('""" # BEGIN TEST CONFIG'):
+                block = test.split('""" # BEGIN TEST CONFIG', 1)[1].split('""" # END TEST CONFIG')[0]
+                config = yaml.safe_load(block) or {}
+            found.append((name, test, config))
+    return found
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_points_sit_on_hidden_tests_only(source: Path):
+    """A public test checks type or shape and earns nothing (``points: 0``); every question
+    has a hidden test, so its points are there (otter splits them over the tests without a
+    ``points`` of their own)."""
+    tests = _tests(source)
+    paying = [(name, test.strip().splitlines()[-1]) for name, test, config in tests
+              if not config.get("hidden") and config.get("points") != 0]
+    assert not paying, f"{source.name}: public tests that carry points: {paying}"
+    unpaid = {name for name, _, _ in tests} - {name for name, _, config in tests
+                                                if config.get("hidden")}
+    assert not unpaid, f"{source.name}: questions without a hidden test: {sorted(unpaid)}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_every_question_has_a_wrong_answer(source: Path):
+    """make grade-check grades a wrong notebook (these answers) and expects zero."""
+    names = [q["config"].split("name:")[1].split()[0] for q in _questions(source)]
+    wrong = asg.wrong_answers(source)
+    assert sorted(wrong) == sorted(names), f"{source.name}: lora_edu_wrong must give one " \
+        f"wrong answer per question {names}, has {sorted(wrong)}"
+    for name, code in wrong.items():
+        compile(code, f"{source.name}:{name}", "exec")
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=IDS)
+def test_reference_functions_are_not_imported_into_the_student_notebook(source: Path):
+    """A question to implement X must not hand the student lora_edu's X: the notebook's own
+    imports name only checkers and the tools a question says to use."""
+    nb = jupytext.read(source, fmt="md:myst")
+    solutions = {s for q in _questions(source) for s in q["solutions"] + q["tests"]}
+    imported = [line for c in nb.cells if c.cell_type == "code" and c.source not in solutions
+                for line in c.source.splitlines() if line.startswith("from lora_edu")]
+    allowed = ("from lora_edu.checks import", "from lora_edu.quant import nf4_codebook",
+               "from lora_edu.lora import", "from lora_edu.models import")
+    assert all(line.startswith(allowed) for line in imported), imported
+
+
+def test_without_lora_edu_refuses_the_reference_and_restores_it():
+    import lora_edu.linalg as linalg
+    space: dict = {}
+    exec(asg.WITHOUT_LORA_EDU, space)
+    W = torch.eye(3, dtype=torch.float64)
+    reference = linalg.numerical_rank
+
+    def borrowed(W):
+        from lora_edu.linalg import numerical_rank
+        return numerical_rank(W)
+
+    def own(W):
+        return int(torch.linalg.matrix_rank(W))
+    with pytest.raises(AssertionError, match="write it yourself"):
+        space["without_lora_edu"](borrowed)(W)
+    assert space["without_lora_edu"](own)(W) == 3
+    assert linalg.numerical_rank is reference and reference(W) == 3
+    assert space["without_lora_edu"](borrowed, allow=("numerical_rank",))(W) == 3
+
+
+def test_the_build_adds_the_helper_to_hidden_tests_that_use_it():
+    nb = asg.master(ROOT / "assignments" / "12_combining_adapters.md")
+    uses = [c.source for c in nb.cells if "without_lora_edu(linear_one)" in c.source]
+    assert uses and all("def without_lora_edu" in s for s in uses)
+    assert "lora_edu_wrong" not in nb.metadata
+
+
+def test_a_tag_pins_the_student_install_line():
+    cell = asg.setup_cell("01_rank", "v0.2.0")
+    assert "lora-edu@v0.2.0" in cell.replace(" @ git+https://github.com/lora-edu/", "@") or \
+        '@v0.2.0"' in cell
+    assert '@v0.2.0"' not in asg.setup_cell("01_rank")
+
+
+def test_colab_installs_are_pinned_to_requirements():
+    """A chapter's bare ``%pip install --quiet peft`` becomes requirements.txt's pin."""
+    pins = nt.pinned_versions()
+    cell = 'if x:\n    %pip install --quiet peft\n    %pip install --quiet "lora-edu @ git+u@main"'
+    assert f"%pip install --quiet peft=={pins['peft']}" in nt.pin_installs(cell)
+    assert '"lora-edu @ git+u@main"' in nt.pin_installs(cell)
+    for chapter in nt.chapters():
+        for cell in nt.chapter_to_notebook(chapter).cells:
+            for line in cell.source.splitlines():
+                if line.strip().startswith("%pip install") and "lora-edu" not in line:
+                    assert all("==" in n for n in line.split("--quiet")[1].split()), \
+                        f"{chapter.name}: unpinned install in its notebook: {line.strip()}"
 
 
 def test_every_question_has_a_public_test():
@@ -135,10 +256,11 @@ def test_otter_assign_strips_the_solutions(source: Path, tmp_path, monkeypatch):
     for q in _questions(source):
         name = q["config"].split("name:")[1].split()[0]
         assert f'grader.check("{name}")' in text, f"{source.name}: no check cell for {name}"
-    # docstrings say what to compute, never the formula whose value the solution returns
-    docstrings = [_normalised(d) for d in re.findall(r'"""(.*?)"""', text, re.S)]
+    # docstrings and prompts say what to compute, never the formula the solution returns
+    prompts = [_normalised(d) for d in re.findall(r'"""(.*?)"""', text, re.S)]
+    prompts += [_normalised(c.source) for c in student.cells if c.cell_type == "markdown"]
     results = [_normalised(line.split("return", 1)[1]) for s in solutions
                for line in s.splitlines() if line.strip().startswith("return ")]
-    given = [r for r in results if len(r) >= 4 and any(r in d for d in docstrings)]
-    assert not given, f"{source.name}: a docstring states a solution's result: {given}"
+    given = [r for r in results if len(r) >= 4 and any(r in d for d in prompts)]
+    assert not given, f"{source.name}: a docstring or prompt states a solution's result: {given}"
     assert (tmp_path / "autograder" / f"{source.stem}-autograder.zip").exists()
