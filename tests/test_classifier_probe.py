@@ -1,24 +1,16 @@
 """benchmarks/classifier.py --supplement: the converged probe's fit and the alternative rates
 (no model needed), and the committed supplement against the committed main result."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import BENCH, import_benchmark
 
 
 @pytest.fixture(scope="module")
 def cls():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("classifier_bench", BENCH / "classifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_benchmark("classifier")
 
 
 def test_alternative_rates_are_each_seeds_best_and_the_runner_up(cls):

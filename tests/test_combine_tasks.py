@@ -1,22 +1,14 @@
 """benchmarks/combine_tasks.py --evaluate: how λ is chosen on validation (no model needed)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def ct():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("combine_tasks", BENCH / "combine_tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_benchmark("combine_tasks")
 
 
 def fake_scores(monkeypatch, ct, token_peak: float, exact_peak: float) -> None:
