@@ -1,15 +1,21 @@
-"""Does showing the work matter? Chapter 8's task without the scratchpad.
+"""Does showing the work matter, and why? Chapter 8's task in two other answer forms.
 
 Chapter 8's answers show their work (``2021-02-26 + 7 = 2021-03-05``). This script trains the
 configuration the chapter re-runs live, LoRA on q,v at r = 8, on the same questions with
-**bare** answers (``2021-03-05``), with the same budget and the sweep's own procedure: seed 0
-at three learning rates, the grid grown past an edge that holds the best (by validation
-loss), then more seeds at the best. The worked version's runs are those of
-``benchmarks/real_sweep.py`` (the same method, data order and budget); the chapter scores both
-on the result date alone.
 
-Writes ``benchmarks/results/show_work-<device>.json``. About 25 minutes on one CPU core
-(beside the sweep).
+* **bare** answers (``2021-03-05``): no working at all, a third of the supervised tokens;
+* **result first** (``2021-03-05 = 2021-02-26 + 7``): the same tokens as the worked answer,
+  but the result comes before the working, so a left-to-right model cannot use it. This is the
+  control that separates the two things a scratchpad adds: intermediate *supervision* (more
+  tokens to learn from, which result-first keeps) and intermediate *computation* (the start
+  date written before the sum, which result-first removes).
+
+Each form gets the sweep's own procedure (``benchmarks/real_sweep.py``): its learning rate
+chosen on the validation split with the selection seeds (the grid grown past an edge that
+holds the best), then the report seeds on the test set, with the same budget and data order.
+The worked version's runs are the sweep's.
+
+Writes ``benchmarks/results/show_work-<device>.json``. Run it from a clean commit:
 
     python benchmarks/show_work.py
 """
@@ -27,66 +33,88 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance, write_result  # noqa: E402
 from real_sweep import GRID as SWEEP_GRID  # noqa: E402
-from real_sweep import MAX_EXTENSIONS, past_edge  # noqa: E402
+from real_sweep import MAX_EXTENSIONS, REPORT_SEEDS, SELECTION_SEEDS, compact_items  # noqa: E402
+from real_sweep import past_edge  # noqa: E402
 
 from lora_edu.pretrained import load_smollm2  # noqa: E402
 from lora_edu.repro import get_device  # noqa: E402
 from lora_edu.sft import run_method, task_data  # noqa: E402
 
 METHOD = "lora_qv_r8"
-GRID = SWEEP_GRID[METHOD]  # the worked version's grid, so both start from the same rates
+GRID = SWEEP_GRID[METHOD]  # the worked version's grid, so every form starts from the same rates
+FORMS = {"bare": {"show_work": False}, "result_first": {"result_first": True}}
 _WORKER: dict = {}
 
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
     base, tokenizer = load_smollm2()
-    _WORKER.update(base=base, tokenizer=tokenizer, data=task_data(show_work=False))
+    _WORKER.update(base=base, tokenizer=tokenizer,
+                   data={form: task_data(**kw) for form, kw in FORMS.items()})
 
 
 def _run(job: dict) -> dict:
-    return run_method(_WORKER["base"], _WORKER["tokenizer"], METHOD, job["lr"], job["seed"],
-                      _WORKER["data"], job["steps"], job["batch_size"])
+    report = job["phase"] == "report"
+    record = run_method(_WORKER["base"], _WORKER["tokenizer"], METHOD, job["lr"], job["seed"],
+                        _WORKER["data"][job["form"]], job["steps"], job["batch_size"],
+                        evaluate=("validation", "test") if report else ("validation",),
+                        keep_items=("test",) if report else (), forgetting=False)
+    if "test_items" in record:
+        record["test_items"] = compact_items(record["test_items"])
+    return {**record, "form": job["form"], "phase": job["phase"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
+    parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = get_device()
     started = time.time()
-    result = {**provenance("show_work", device), "method": METHOD, "answers": "bare",
-              "steps": args.steps, "batch_size": args.batch_size, "runs": []}
+    result = {**provenance("show_work", device), "method": METHOD, "forms": list(FORMS),
+              "steps": args.steps, "batch_size": args.batch_size,
+              "selection_seeds": list(SELECTION_SEEDS), "report_seeds": list(REPORT_SEEDS),
+              "selection_metric": "mean over selection seeds of validation result_nll",
+              "runs": [], "grid": {}, "best_lr": {}}
 
-    def collect(pool, lrs_seeds):
-        jobs = [{"lr": lr, "seed": seed, "steps": args.steps, "batch_size": args.batch_size}
-                for lr, seed in lrs_seeds]
+    def collect(pool, jobs):
         for out in pool.map(_run, jobs):
             result["runs"].append(out)
-            print(f"[{time.time() - started:6.0f}s] bare lr={out['lr']:g} seed={out['seed']} "
-                  f"val={out['val_loss']:.3f} test={out['test_loss']:.3f} "
-                  f"EM={out['test_exact_match']:.3f}", flush=True)
+            test = out.get("test", {})
+            print(f"[{time.time() - started:6.0f}s] {out['form']:12s} {out['phase']:9s} "
+                  f"lr={out['lr']:g} seed={out['seed']} "
+                  f"val_result_nll={out['validation']['result_nll']:.3f}"
+                  + (f" test_result_acc={test['result_accuracy']:.3f}" if test else ""),
+                  flush=True)
         write_result(result, "show_work", device, args.out)
 
-    def best_lr():
-        return min((r for r in result["runs"] if r["seed"] == 0),
-                   key=lambda r: r["val_loss"])["lr"]
+    def job(form, lr, seed, phase):
+        return {"form": form, "lr": lr, "seed": seed, "phase": phase, "steps": args.steps,
+                "batch_size": args.batch_size}
 
-    grid = list(GRID)
+    def best_lr(form):
+        def mean_val(lr):
+            vals = [r["validation"]["result_nll"] for r in result["runs"]
+                    if r["form"] == form and r["lr"] == lr and r["phase"] == "selection"]
+            return sum(vals) / len(vals)
+        return min(grid[form], key=mean_val)
+
+    grid = {form: list(GRID) for form in FORMS}
+    result["grid"] = grid
     with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=(1,)) as pool:
-        collect(pool, [(lr, 0) for lr in grid])
+        collect(pool, [job(f, lr, s, "selection") for f in FORMS for lr in grid[f]
+                       for s in SELECTION_SEEDS])
         for _ in range(MAX_EXTENSIONS):
-            lr = past_edge(grid, best_lr())
-            if lr is None:
-                break
-            grid = sorted(grid + [lr])
-            collect(pool, [(lr, 0)])
-        result["grid"], result["best_lr"] = grid, best_lr()
-        collect(pool, [(result["best_lr"], seed) for seed in range(1, args.seeds)])
+            extra = [(f, lr) for f in FORMS if (lr := past_edge(grid[f], best_lr(f)))]
+            for f, lr in extra:
+                grid[f] = sorted(grid[f] + [lr])
+            collect(pool, [job(f, lr, s, "selection") for f, lr in extra
+                           for s in SELECTION_SEEDS])
+        result["best_lr"] = {f: best_lr(f) for f in FORMS}
+        collect(pool, [job(f, result["best_lr"][f], s, "report") for f in FORMS
+                       for s in REPORT_SEEDS])
     result["seconds"] = time.time() - started
     write_result(result, "show_work", device, args.out)
     return 0

@@ -68,3 +68,63 @@ def test_bad_input_is_refused(tokenizer):
     with pytest.raises(ValueError, match="fewer than batch_size"):
         train_sft(tiny_llama(len(tokenizer)), tokenizer, date_arithmetic(2),
                   SFTConfig(steps=2, batch_size=4, warmup_steps=0))
+
+
+def test_teacher_forced_exact_match_equals_greedy_generation(tokenizer):
+    """exact[i] is True exactly when greedy decoding writes the reference answer: checked on
+    a tiny model that has memorised some questions (so both outcomes occur)."""
+    from lora_edu.sft import generate_answers, score_examples, summarise_scores
+
+    seen = date_arithmetic(4)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    train_sft(model, tokenizer, seen, SFTConfig(steps=120, batch_size=4, lr=1e-2,
+                                                warmup_steps=1, show_progress=False))
+    examples = seen + date_arithmetic(4, "test")
+    scores = score_examples(model, tokenizer, examples)
+    generated = generate_answers(model, tokenizer, [e.question for e in examples])
+    assert scores["exact"] == [g == e.answer for g, e in zip(generated, examples)]
+    assert any(scores["exact"]) and not all(scores["exact"])
+    for exact, start, result in zip(scores["exact"], scores["start_ok"], scores["result_ok"]):
+        assert not exact or (start and result)
+    summary = summarise_scores(scores)
+    assert summary["exact_match"] == sum(scores["exact"]) / len(examples)
+    assert all(n > 0 for n in scores["n_result"])
+
+
+def test_score_spans_the_start_date_and_the_result(tokenizer):
+    """The tokens scored as 'start' decode to the start date, 'result' to the result."""
+    from lora_edu.sft import _encode_scored
+
+    for ex in date_arithmetic(5) + date_arithmetic(3, show_work=False):
+        item = _encode_scored(tokenizer, ex)
+        picked = {name: tokenizer.decode([t for t, m in zip(item["input_ids"], item[name])
+                                          if m]).strip() for name in ("start", "result")}
+        assert picked["result"] == ex.answer.split(" = ")[-1]
+        assert picked["start"] == (ex.answer.split(" + ")[0] if " = " in ex.answer else "")
+
+
+def test_stratified_sets_and_question_kinds():
+    import datetime
+
+    from lora_edu.tasks import KINDS, TEST_STRATA, kind_of, question_kind
+
+    d = datetime.date
+    assert question_kind(d(2021, 3, 4), 3) == "within_month"
+    assert question_kind(d(2021, 2, 27), 2) == "month_end"      # 2021 is not a leap year
+    assert question_kind(d(2020, 2, 27), 2) == "leap_day"       # passes 29 February 2020
+    assert question_kind(d(2020, 2, 25), 4) == "leap_day"       # lands on it
+    assert question_kind(d(2021, 12, 30), 5) == "year_end"
+    test = date_arithmetic(split="test", strata=TEST_STRATA)
+    assert [kind_of(e) for e in test] == [k for k in KINDS for _ in range(TEST_STRATA[k])]
+    assert len({e.question for e in test}) == len(test)           # no question twice
+    train = date_arithmetic(2000, "train")
+    month_day = lambda e: e.answer.split(" + ")[0][5:]  # noqa: E731
+    assert not {month_day(e) for e in train} & {month_day(e) for e in test}
+    assert "1 day after" in next(e.question for e in train if e.question.split()[3] == "1")
+    with pytest.raises(ValueError, match="not both"):
+        date_arithmetic(5, strata={"within_month": 2})
+    with pytest.raises(ValueError, match="unknown kinds"):
+        date_arithmetic(split="test", strata={"weekend": 2})
