@@ -46,11 +46,14 @@ FORMS = {"bare": {"show_work": False}, "result_first": {"result_first": True}}
 _WORKER: dict = {}
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, quick: bool) -> None:
     torch.set_num_threads(threads)
     base, tokenizer = load_smollm2()
-    _WORKER.update(base=base, tokenizer=tokenizer,
-                   data={form: task_data(**kw) for form, kw in FORMS.items()})
+    data = {form: task_data(**kw) for form, kw in FORMS.items()}
+    if quick:  # a smoke test: a few questions of each split
+        data = {f: {**d, "validation": d["validation"][::20], "test": d["test"][::50]}
+                for f, d in data.items()}
+    _WORKER.update(base=base, tokenizer=tokenizer, data=data)
 
 
 def _run(job: dict) -> dict:
@@ -70,12 +73,16 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: a few questions, one seed of each kind")
     args = parser.parse_args()
+    selection = SELECTION_SEEDS[:1] if args.quick else SELECTION_SEEDS
+    report = REPORT_SEEDS[:1] if args.quick else REPORT_SEEDS
     device = get_device()
     started = time.time()
     result = {**provenance("show_work", device), "method": METHOD, "forms": list(FORMS),
               "steps": args.steps, "batch_size": args.batch_size,
-              "selection_seeds": list(SELECTION_SEEDS), "report_seeds": list(REPORT_SEEDS),
+              "selection_seeds": list(selection), "report_seeds": list(report),
               "selection_metric": "mean over selection seeds of validation result_nll",
               "runs": [], "grid": {}, "best_lr": {}}
 
@@ -103,18 +110,19 @@ def main() -> int:
 
     grid = {form: list(GRID) for form in FORMS}
     result["grid"] = grid
-    with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker,
+                             initargs=(1, args.quick)) as pool:
         collect(pool, [job(f, lr, s, "selection") for f in FORMS for lr in grid[f]
-                       for s in SELECTION_SEEDS])
-        for _ in range(MAX_EXTENSIONS):
+                       for s in selection])
+        for _ in range(1 if args.quick else MAX_EXTENSIONS):
             extra = [(f, lr) for f in FORMS if (lr := past_edge(grid[f], best_lr(f)))]
             for f, lr in extra:
                 grid[f] = sorted(grid[f] + [lr])
             collect(pool, [job(f, lr, s, "selection") for f, lr in extra
-                           for s in SELECTION_SEEDS])
+                           for s in selection])
         result["best_lr"] = {f: best_lr(f) for f in FORMS}
         collect(pool, [job(f, result["best_lr"][f], s, "report") for f in FORMS
-                       for s in REPORT_SEEDS])
+                       for s in report])
     result["seconds"] = time.time() - started
     write_result(result, "show_work", device, args.out)
     return 0

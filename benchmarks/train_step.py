@@ -9,7 +9,13 @@ SmolLM2-135M-Instruct (``lora_edu.pretrained``) takes AdamW steps on chapter 8's
 every linear layer (r = 8), each with and without gradient checkpointing. Memory comes from
 ``lora_edu.ledger.measure_step_memory`` (the tensors' own bytes, the saved activations, and the
 peak: MemTracker on the CPU, ``max_memory_allocated`` on CUDA). Step times are medians over
-rounds in which every method takes one step in turn, so a busy machine slows all of them alike.
+rounds in which every configuration takes one step in turn; each ratio (LoRA ÷ full, or with ÷
+without checkpointing) is formed **within a round** and the figure is the median of the
+per-round ratios, with their quartiles, so a slow moment hits both sides of a ratio. Run it on an
+otherwise idle machine: the load average before and after is recorded.
+
+The saved activations are also measured at 512 and 2,048 tokens (batch of one), to extrapolate
+the ledger to the sequence lengths of real fine-tuning.
 
 MFU = achieved model FLOP/s ÷ the GPU's peak dense bf16 FLOP/s, with the model FLOPs of
 ``lora_edu.ledger.flops_per_token`` (``6N`` full, ``4N + 6 N_lora`` LoRA) times the tokens
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -32,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance, write_result  # noqa: E402
 
-from lora_edu.ledger import flops_per_token, measure_step_memory  # noqa: E402
+from lora_edu.ledger import flops_per_token, measure_step_memory, saved_activation_bytes  # noqa: E402
 from lora_edu.pretrained import load_smollm2  # noqa: E402
 from lora_edu.repro import get_device  # noqa: E402
 from lora_edu.sft import _loss, collate, encode_examples, prepare_method, task_data  # noqa: E402
@@ -43,6 +50,16 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 
 METHODS = ("full", "lora_qv_r8", "lora_all_r8")
 #: Issue 12's target: LoRA's peak at most this fraction of full fine-tuning's.
 PEAK_TARGET = 0.40
+#: What the timing rounds step through: (method, gradient checkpointing).
+TIMED = (("full", False), ("lora_qv_r8", False), ("lora_all_r8", False), ("full", True),
+         ("lora_qv_r8", True))
+#: Sequence lengths at which the saved activations are measured again (batch of one).
+LONG_SEQUENCES = (512, 2048)
+
+
+def quartiles(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -83,9 +100,9 @@ def main() -> int:
                               "methods": {}}
     n_params = sum(p.numel() for p in base.parameters())
 
-    def loss_of(model):
+    def loss_of(model, data=batch):
         with amp:
-            return _loss(model, batch)
+            return _loss(model, data)
 
     for checkpointing in (False, True):
         for method in METHODS:
@@ -100,41 +117,69 @@ def main() -> int:
                   f"{ledger.saved_activations / 2**20:7.1f} MiB", flush=True)
             del model
 
-    # step times: every method in turn, one step per round, no checkpointing
-    models = {m: build(base, m, False, device) for m in METHODS}
-    optimizers = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad],
-                                       lr=1e-5) for m in METHODS}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    # saved activations at long sequences: a batch of one, the task's text repeated
+    long_ids = batch["input_ids"][:1].repeat(1, max(LONG_SEQUENCES) // tokens + 2)
+    result["long_sequences"] = {}
+    for length in LONG_SEQUENCES:
+        ids = long_ids[:, :length]
+        long_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        row = {}
+        for method in METHODS:
+            model = build(base, method, False, device)
+            row[method] = saved_activation_bytes(lambda: loss_of(model, long_batch), model)
+            del model
+        result["long_sequences"][str(length)] = row
+        print(f"saved activations at {length} tokens: "
+              + ", ".join(f"{m} {b / 2**20:.0f} MiB" for m, b in row.items()), flush=True)
+
+    # step times: every configuration in turn, one step per round; ratios within a round
+    result["load_average_before"] = os.getloadavg()
+    models = {key: build(base, m, ckpt, device) for key in TIMED for m, ckpt in [key]}
+    optimizers = {key: torch.optim.AdamW([p for p in models[key].parameters()
+                                          if p.requires_grad], lr=1e-5) for key in TIMED}
+    times: dict[tuple[str, bool], list[float]] = {key: [] for key in TIMED}
     for round_ in range(args.rounds + 1):
-        for m in METHODS:
+        for key in TIMED:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            loss_of(models[m]).backward()
-            optimizers[m].step()
-            optimizers[m].zero_grad(set_to_none=True)
+            loss_of(models[key]).backward()
+            optimizers[key].step()
+            optimizers[key].zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if round_:  # the first round warms up (allocations, AdamW's state)
-                times[m].append(time.perf_counter() - start)
+                times[key].append(time.perf_counter() - start)
+    result["load_average_after"] = os.getloadavg()
     peak = peak_flops(device)
     for m in METHODS:
         entry = result["methods"][m]
-        entry["step_seconds"] = statistics.median(times[m])
-        entry["step_seconds_all"] = times[m]
+        entry["step_seconds"] = statistics.median(times[(m, False)])
+        entry["step_seconds_all"] = times[(m, False)]
         achieved = entry["flops_per_token"] * tokens / entry["step_seconds"]
         entry["model_tflops_per_s"] = achieved / 1e12
         entry["mfu"] = achieved / peak if peak else None
+    for m in ("full", "lora_qv_r8"):
+        result["methods"][m + "+checkpointing"]["step_seconds_all"] = times[(m, True)]
     full = result["methods"]["full"]
+    result["per_round"] = {}
+
+    def per_round(name: str, top: tuple[str, bool], bottom: tuple[str, bool]) -> None:
+        ratios = [a / b for a, b in zip(times[top], times[bottom])]
+        result["per_round"][name] = {"ratios": ratios, **quartiles(ratios)}
+        result[f"{name}_ratio"] = statistics.median(ratios)
+
     for m in METHODS[1:]:
         for suffix in ("", "+checkpointing"):
             lora, ref = result["methods"][m + suffix], result["methods"]["full" + suffix]
             result[f"{m}{suffix.replace('+', '_')}_peak_memory_ratio"] = lora["peak"] / ref["peak"]
         lora = result["methods"][m]
-        result[f"{m}_step_time_ratio"] = lora["step_seconds"] / full["step_seconds"]
+        per_round(f"{m}_step_time", (m, False), ("full", False))
         result[f"{m}_predicted_step_time_ratio"] = lora["flops_per_token"] / full["flops_per_token"]
         result[f"{m}_saved_activations_ratio"] = (lora["saved_activations"]
                                                   / full["saved_activations"])
+    for m in ("full", "lora_qv_r8"):  # the price of checkpointing: with ÷ without
+        per_round(f"{m}_checkpointing_time", (m, True), (m, False))
     result["peak_target"] = PEAK_TARGET
     for key, value in result.items():
         if key.endswith("_ratio"):
