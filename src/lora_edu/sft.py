@@ -178,12 +178,18 @@ def score_examples(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
     * ``start_ok[i]`` / ``result_ok[i]`` — the same over the start date's tokens / the
       result's tokens only (the result given a correct start: the sum, on its own);
     * ``answer_nll[i]`` / ``result_nll[i]`` — ``−Σ log p_θ`` over all answer tokens / over
-      the result's tokens (nats per question), with ``n_answer`` / ``n_result`` tokens.
+      the result's tokens (nats per question), with ``n_answer`` / ``n_result`` tokens;
+    * ``result_greedy[i]`` — every answer token *up to and including the result's last* is
+      the argmax: greedy decoding follows the reference to the end of the result, so it
+      writes the right result with nothing given (unlike ``result_ok``, which is teacher
+      forced on whatever precedes the result). It compares answer forms that put the result
+      in different places (working first, result first, result alone).
     """
     was_training = model.training
     model.eval()
     out: dict[str, list] = {k: [] for k in ("exact", "start_ok", "result_ok", "answer_nll",
-                                            "result_nll", "n_answer", "n_result")}
+                                            "result_nll", "n_answer", "n_result",
+                                            "result_greedy")}
     encoded = [_encode_scored(tokenizer, ex) for ex in examples]
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
@@ -203,6 +209,11 @@ def score_examples(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
         for name, mask in (("exact", answer), ("start_ok", masks["start"]),
                            ("result_ok", masks["result"])):
             out[name] += (hit | ~mask).all(dim=1).tolist()
+        # the answer's tokens up to the result's last one (positions after it are excluded)
+        pos = torch.arange(answer.shape[1])
+        last = torch.where(masks["result"], pos, -1).amax(dim=1, keepdim=True)
+        upto = answer & (pos <= last)
+        out["result_greedy"] += ((hit | ~upto).all(dim=1) & (last[:, 0] >= 0)).tolist()
         out["answer_nll"] += (nll * answer).sum(dim=1).tolist()
         out["result_nll"] += (nll * masks["result"]).sum(dim=1).tolist()
         out["n_answer"] += answer.sum(dim=1).tolist()
@@ -239,7 +250,9 @@ def summarise_scores(scores: dict[str, list]) -> dict[str, float]:
     """Rates and mean losses of :func:`score_examples`' per-question scores: exact match,
     start and result accuracy, loss per answer token, and result loss per question."""
     n = len(scores["exact"])
-    return {"exact_match": sum(scores["exact"]) / n,
+    extra = ({"result_greedy_accuracy": sum(scores["result_greedy"]) / n}
+             if "result_greedy" in scores else {})
+    return {**extra, "exact_match": sum(scores["exact"]) / n,
             "start_accuracy": sum(scores["start_ok"]) / n,
             "result_accuracy": sum(scores["result_ok"]) / n,
             "loss": sum(scores["answer_nll"]) / sum(scores["n_answer"]),
