@@ -266,14 +266,15 @@ class RobustDifference:
                                      measure=measure)
         if len(self.cases) == 1:
             return first
-        others = "; ".join(f"at {ra:g} and {rb:g}: "
+        others = "; ".join(f"{a} at {ra:g}, {b} at {rb:g}: "
                            f"{'no winner' if d.winner is None else (a if d.winner == 'a' else b) + ' better'}"
                            f", {d.interval_text(digits, scale, unit)}"
                            for ra, rb, d in self.cases[1:])
         verdict = ("the verdict holds at the runner-up rates too" if self.robust else
                    "**the verdict changes with the rate**, so it is not robust: no winner is "
                    "named")
-        return f"{first}. At the runner-up rates (within the selection noise): {others}; {verdict}"
+        return (f"{first} (chosen rates). Where the runner-up rate was within the selection "
+                f"noise: {others}; {verdict}")
 
 
 def robust_difference(sweep: Sweep, runner_up: Sweep | None, a: str, b: str, key: str,
