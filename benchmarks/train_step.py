@@ -12,10 +12,13 @@ peak: MemTracker on the CPU, ``max_memory_allocated`` on CUDA). Step times are m
 rounds in which every configuration takes one step in turn; each ratio (LoRA ÷ full, or with ÷
 without checkpointing) is formed **within a round** and the figure is the median of the
 per-round ratios, with their quartiles, so a slow moment hits both sides of a ratio. Run it on an
-otherwise idle machine: the load average before and after is recorded.
+otherwise idle machine: the load average at the start, before and after the timing is recorded,
+with the thread count (``--threads``, 1 by default) and the batch's real token counts; chapter 8
+refuses a file whose starting load average exceeds ``BUSY_LOAD``.
 
-The saved activations are also measured at 512 and 2,048 tokens (batch of one), to extrapolate
-the ledger to the sequence lengths of real fine-tuning.
+The saved activations are also measured at 512 and 1,024 tokens (a batch of one sequence of
+exactly that many tokens: one example's real tokens repeated, no padding; the lengths are
+recorded and checked), to extend the ledger to the sequence lengths of real fine-tuning.
 
 MFU = achieved model FLOP/s ÷ the GPU's peak dense bf16 FLOP/s, with the model FLOPs of
 ``lora_edu.ledger.flops_per_token`` (``6N`` full, ``4N + 6 N_lora`` LoRA) times the tokens
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import statistics
 import sys
@@ -53,8 +57,14 @@ PEAK_TARGET = 0.40
 #: What the timing rounds step through: (method, gradient checkpointing).
 TIMED = (("full", False), ("lora_qv_r8", False), ("lora_all_r8", False), ("full", True),
          ("lora_qv_r8", True))
-#: Sequence lengths at which the saved activations are measured again (batch of one).
-LONG_SEQUENCES = (512, 2048)
+#: Sequence lengths at which the saved activations are measured again (batch of one). 2,048
+#: tokens needs over 20 GB for full fine-tuning's saved activations in fp32 with the eager
+#: attention's (heads × T × T) tensors kept for backward: it was killed for memory on a 23 GB
+#: machine, so the longest length is 1,024.
+LONG_SEQUENCES = (512, 1024)
+#: A machine whose 1-minute load average exceeds this before the script starts is busy: its
+#: timings are not evidence (EVIDENCE.md §5), and chapter 8 refuses them.
+BUSY_LOAD = 0.5
 
 
 def quartiles(values: list[float]) -> dict[str, float]:
@@ -69,6 +79,22 @@ def peak_flops(device: torch.device) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
+def long_batch(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A batch of one sequence of exactly ``length`` tokens: the first example's real tokens
+    (its padding dropped) repeated end to end and cut at ``length``; every token attended to
+    and scored.
+
+    Raises:
+        ValueError: ``length`` is not a positive int.
+    """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    ids = row.repeat(length // row.numel() + 1)[:length].unsqueeze(0)
+    assert ids.shape == (1, length), ids.shape
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
 def build(base, method: str, checkpointing: bool, device: torch.device):
     model = prepare_method(base, method).to(device).train()
     if checkpointing:
@@ -81,21 +107,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=8, help="timed steps per method")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (recorded; the chapter's figures are one thread)")
+    parser.add_argument("--long", type=int, nargs="+", default=list(LONG_SEQUENCES),
+                        help="sequence lengths for the saved activations (a smoke test: 64 128)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    load_average_start = os.getloadavg()   # before this script did anything
+    if load_average_start[0] > BUSY_LOAD:
+        print(f"warning: load average {load_average_start[0]:.2f} > {BUSY_LOAD}: the machine "
+              "is busy; chapter 8 will refuse these timings", flush=True)
+    torch.set_num_threads(args.threads)
     device = get_device()
     base, tokenizer = load_smollm2()
     batch = collate(encode_examples(tokenizer, task_data()["train"][:args.batch_size]),
                     tokenizer.eos_token_id)
     batch = {k: v.to(device) for k, v in batch.items()}
-    tokens = batch["input_ids"].numel()
+    tokens = batch["input_ids"].numel()   # the FLOPs are spent on every position, padding too
+    lengths = batch["attention_mask"].sum(dim=1)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())
     result: dict[str, Any] = {**provenance("train_step", device), "model": "SmolLM2-135M-Instruct",
                               "batch_shape": list(batch["input_ids"].shape),
+                              "example_tokens": lengths.tolist(),
+                              "mean_example_tokens": float(lengths.float().mean()),
+                              "threads": torch.get_num_threads(),
+                              "load_average_start": load_average_start,
+                              "busy_load": BUSY_LOAD,
                               "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
                               "methods": {}}
     n_params = sum(p.numel() for p in base.parameters())
@@ -116,18 +154,19 @@ def main() -> int:
             print(f"{key:28s} peak {ledger.peak / 2**20:8.1f} MiB  saved activations "
                   f"{ledger.saved_activations / 2**20:7.1f} MiB", flush=True)
             del model
+            gc.collect()  # free the copy now: a cycle would keep ~0.5 GB per model alive
 
     # saved activations at long sequences: a batch of one, the task's text repeated
-    long_ids = batch["input_ids"][:1].repeat(1, max(LONG_SEQUENCES) // tokens + 2)
-    result["long_sequences"] = {}
-    for length in LONG_SEQUENCES:
-        ids = long_ids[:, :length]
-        long_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    result["long_sequences"], result["long_sequence_tokens"] = {}, {}
+    for length in args.long:
+        long = long_batch(batch, length)
+        result["long_sequence_tokens"][str(length)] = int(long["input_ids"].shape[1])
         row = {}
         for method in METHODS:
             model = build(base, method, False, device)
-            row[method] = saved_activation_bytes(lambda: loss_of(model, long_batch), model)
+            row[method] = saved_activation_bytes(lambda: loss_of(model, long), model)
             del model
+            gc.collect()  # free the copy now: a cycle would keep ~0.5 GB per model alive
         result["long_sequences"][str(length)] = row
         print(f"saved activations at {length} tokens: "
               + ", ".join(f"{m} {b / 2**20:.0f} MiB" for m, b in row.items()), flush=True)
