@@ -8,7 +8,14 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lora_edu.pretrained import check_cache
-from lora_edu.sft import IGNORE, SFTConfig, collate, encode_examples, exact_match, train_sft
+from lora_edu.sft import (
+    IGNORE,
+    SFTConfig,
+    collate,
+    encode_examples,
+    exact_match,
+    train_sft,
+)
 from lora_edu.tasks import date_arithmetic, prompt_text
 
 
@@ -92,6 +99,19 @@ def test_teacher_forced_exact_match_equals_greedy_generation(tokenizer):
     summary = summarise_scores(scores)
     assert summary["exact_match"] == sum(scores["exact"]) / len(examples)
     assert all(n > 0 for n in scores["n_result"])
+    # result_greedy: greedy decoding writes the answer's prefix up to the end of the result
+    from lora_edu.tasks import answer_spans
+
+    first = [e for e in date_arithmetic(4, result_first=True)]
+    bare = date_arithmetic(4, show_work=False)
+    for group in (examples, first, bare):
+        sc = score_examples(model, tokenizer, group)
+        gen = generate_answers(model, tokenizer, [e.question for e in group])
+        want = [g.startswith(e.answer[:answer_spans(e.answer)["result"][1]])
+                for g, e in zip(gen, group)]
+        assert sc["result_greedy"] == want
+        assert all(g or not x for g, x in zip(sc["result_greedy"], sc["exact"]))
+    assert any(scores["result_greedy"])
 
 
 def test_score_spans_the_start_date_and_the_result(tokenizer):
@@ -128,3 +148,27 @@ def test_stratified_sets_and_question_kinds():
         date_arithmetic(5, strata={"within_month": 2})
     with pytest.raises(ValueError, match="unknown kinds"):
         date_arithmetic(split="test", strata={"weekend": 2})
+
+
+def test_train_step_long_batch_has_the_asked_length(tokenizer):
+    """benchmarks/train_step.long_batch: exactly `length` real tokens (no padding), at lengths
+    above and below one example's, from a padded batch of the chapter's task."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    long_batch = importlib.import_module("train_step").long_batch
+    batch = collate(encode_examples(tokenizer, date_arithmetic(8)), tokenizer.eos_token_id)
+    real = batch["attention_mask"][0].bool()
+    row = batch["input_ids"][0][real]
+    assert row.numel() < batch["input_ids"].shape[1] or batch["attention_mask"].all()
+    for length in (7, 512, 2048):
+        lb = long_batch(batch, length)
+        assert lb["input_ids"].shape == (1, length) and lb["attention_mask"].all()
+        assert torch.equal(lb["input_ids"][0, :min(length, row.numel())],
+                           row[:min(length, row.numel())])
+        assert not (lb["input_ids"][0, row.numel():2 * row.numel()] == tokenizer.eos_token_id
+                    ).all() or length <= row.numel()
+    with pytest.raises(ValueError, match="positive int"):
+        long_batch(batch, 0)

@@ -59,6 +59,7 @@ __all__ = [
     "score_examples",
     "summarise_scores",
     "task_data",
+    "token_losses",
     "train_sft",
 ]
 
@@ -177,12 +178,18 @@ def score_examples(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
     * ``start_ok[i]`` / ``result_ok[i]`` — the same over the start date's tokens / the
       result's tokens only (the result given a correct start: the sum, on its own);
     * ``answer_nll[i]`` / ``result_nll[i]`` — ``−Σ log p_θ`` over all answer tokens / over
-      the result's tokens (nats per question), with ``n_answer`` / ``n_result`` tokens.
+      the result's tokens (nats per question), with ``n_answer`` / ``n_result`` tokens;
+    * ``result_greedy[i]`` — every answer token *up to and including the result's last* is
+      the argmax: greedy decoding follows the reference to the end of the result, so it
+      writes the right result with nothing given (unlike ``result_ok``, which is teacher
+      forced on whatever precedes the result). It compares answer forms that put the result
+      in different places (working first, result first, result alone).
     """
     was_training = model.training
     model.eval()
     out: dict[str, list] = {k: [] for k in ("exact", "start_ok", "result_ok", "answer_nll",
-                                            "result_nll", "n_answer", "n_result")}
+                                            "result_nll", "n_answer", "n_result",
+                                            "result_greedy")}
     encoded = [_encode_scored(tokenizer, ex) for ex in examples]
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
@@ -202,6 +209,11 @@ def score_examples(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
         for name, mask in (("exact", answer), ("start_ok", masks["start"]),
                            ("result_ok", masks["result"])):
             out[name] += (hit | ~mask).all(dim=1).tolist()
+        # the answer's tokens up to the result's last one (positions after it are excluded)
+        pos = torch.arange(answer.shape[1])
+        last = torch.where(masks["result"], pos, -1).amax(dim=1, keepdim=True)
+        upto = answer & (pos <= last)
+        out["result_greedy"] += ((hit | ~upto).all(dim=1) & (last[:, 0] >= 0)).tolist()
         out["answer_nll"] += (nll * answer).sum(dim=1).tolist()
         out["result_nll"] += (nll * masks["result"]).sum(dim=1).tolist()
         out["n_answer"] += answer.sum(dim=1).tolist()
@@ -210,11 +222,37 @@ def score_examples(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
     return out
 
 
+@torch.no_grad()
+def token_losses(model: nn.Module, tokenizer: Any,
+                 examples: Sequence[Example]) -> list[list[tuple[int, str, float]]]:
+    """For each example, its answer tokens as ``(token id, role, loss in nats)``, teacher
+    forced; the role is ``"start"`` (the start date), ``"result"`` or ``"other"`` (the
+    format, the offset, the end token). One batch: for a handful of examples."""
+    was_training = model.training
+    model.eval()
+    items = [_encode_scored(tokenizer, ex) for ex in examples]
+    batch = collate(items, _pad_id(tokenizer))
+    ids = batch["input_ids"].to(_device(model))
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(ids.device))
+    nll = F.cross_entropy(logits.logits[:, :-1].float().transpose(1, 2),
+                          batch["labels"][:, 1:].to(ids.device).clamp(min=0),
+                          reduction="none").cpu()
+    model.train(was_training)
+    out = []
+    for i, it in enumerate(items):
+        out.append([(it["input_ids"][t], "start" if it["start"][t] else
+                     "result" if it["result"][t] else "other", float(nll[i, t - 1]))
+                    for t in range(1, len(it["input_ids"])) if it["labels"][t] != IGNORE])
+    return out
+
+
 def summarise_scores(scores: dict[str, list]) -> dict[str, float]:
     """Rates and mean losses of :func:`score_examples`' per-question scores: exact match,
     start and result accuracy, loss per answer token, and result loss per question."""
     n = len(scores["exact"])
-    return {"exact_match": sum(scores["exact"]) / n,
+    extra = ({"result_greedy_accuracy": sum(scores["result_greedy"]) / n}
+             if "result_greedy" in scores else {})
+    return {**extra, "exact_match": sum(scores["exact"]) / n,
             "start_accuracy": sum(scores["start_ok"]) / n,
             "result_accuracy": sum(scores["result_ok"]) / n,
             "loss": sum(scores["answer_nll"]) / sum(scores["n_answer"]),
@@ -250,14 +288,21 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def train_sft(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
               config: SFTConfig = SFTConfig(),
-              on_step: Callable[[int, nn.Module], None] | None = None) -> SFTHistory:
+              on_step: Callable[[int, nn.Module], None] | None = None,
+              stop_after: int | None = None) -> SFTHistory:
     """Train the parameters of ``model`` with ``requires_grad`` on ``examples``.
 
     Each step draws ``config.batch_size`` examples without replacement (a new permutation
     each epoch) from a generator seeded by ``config.seed``, so a run is reproducible.
     ``on_step(step, model)``, if given, runs after every optimizer step (outside the timing),
-    e.g. to take snapshots of the weights.
+    e.g. to take snapshots of the weights. ``stop_after=n`` trains only the first ``n`` steps
+    of the schedule (the same steps, batches and learning rates as the full run's first
+    ``n``): a cheap, exact re-run of the beginning of a longer run.
     """
+    if stop_after is not None and not (isinstance(stop_after, int) and
+                                       1 <= stop_after <= config.steps):
+        raise ValueError(f"stop_after must be an int in 1..{config.steps} (the run's steps), "
+                         f"got {stop_after!r}")
     params = _trainable(model)
     if len(examples) < config.batch_size:
         raise ValueError(f"{len(examples)} examples are fewer than batch_size="
@@ -270,7 +315,7 @@ def train_sft(model: nn.Module, tokenizer: Any, examples: Sequence[Example],
     order: list[int] = []
     history = SFTHistory()
     model.train()
-    steps = range(config.steps)
+    steps = range(config.steps if stop_after is None else stop_after)
     for _ in (progress(steps, desc=config.desc) if config.show_progress else steps):
         if len(order) < config.batch_size:
             order += torch.randperm(len(encoded), generator=generator).tolist()
@@ -429,7 +474,7 @@ def run_method(base: nn.Module, tokenizer: Any, method: str, lr: float, seed: in
                on_step: Callable[[int, nn.Module], None] | None = None,
                evaluate: Sequence[str] = ("validation", "test"),
                keep_items: Sequence[str] = ("test",),
-               forgetting: bool = True) -> dict[str, Any]:
+               forgetting: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune a copy of ``base`` with ``method`` and score it.
 
     The batch order is drawn from ``seed``; the initial LoRA weights from
@@ -442,6 +487,7 @@ def run_method(base: nn.Module, tokenizer: Any, method: str, lr: float, seed: in
         evaluate: the splits scored with :func:`score_examples`.
         keep_items: the splits whose per-question scores are kept in the record.
         forgetting: also measure prose and chat loss (``data["chat"]`` needed for chat).
+        stop_after: train only the first steps of the run (see :func:`train_sft`).
 
     Returns:
         A JSON-ready record: the settings, trainable parameters, per-step losses, median step
@@ -453,7 +499,7 @@ def run_method(base: nn.Module, tokenizer: Any, method: str, lr: float, seed: in
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     history = train_sft(model, tokenizer, data["train"], SFTConfig(
         steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
-        seed=seed, show_progress=False), on_step=on_step)
+        seed=seed, show_progress=False), on_step=on_step, stop_after=stop_after)
     record: dict[str, Any] = {"method": method, "implementation": implementation, "lr": lr,
                               "seed": seed, "init_seed": init_seed(method, seed),
                               "steps": steps, "batch_size": batch_size,

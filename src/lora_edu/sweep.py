@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Sweep", "find_result", "decode_items"]
+__all__ = ["RobustDifference", "Sweep", "cluster_interval", "decode_items", "find_result",
+           "load_result", "robust_difference"]
 
 #: Where the committed results are, seen from the book's pages and from the repository root.
 RESULT_DIRS = (Path("../benchmarks/results"), Path("benchmarks/results"))
@@ -39,6 +40,28 @@ def find_result(name: str) -> Path:
             return folder / name
     raise FileNotFoundError(f"{name} is not in {[str(d) for d in RESULT_DIRS]}; run the "
                             f"benchmark that writes it, or start from the repository root")
+
+
+def load_result(name: str) -> dict[str, Any]:
+    """A committed result file as a dict, refused unless it comes from a clean commit.
+
+    EVIDENCE.md §6: a committed result names the commit its code was at; ``+dirty`` means the
+    code that made it is not in the history, so no chapter may read it.
+
+    Raises:
+        ValueError: the file was written from a tree with uncommitted changes.
+    """
+    path = find_result(name)
+    data = json.loads(path.read_text())
+    _check_clean(data, path)
+    return data
+
+
+def _check_clean(data: dict[str, Any], path: Path | None) -> None:
+    commit = data.get("git_commit") or ""
+    if not commit or "+dirty" in commit:
+        raise ValueError(f"{path} was written at commit {commit!r}, not a clean commit: re-run "
+                         f"its benchmark from a clean checkout and commit the result")
 
 
 def decode_items(items: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -61,8 +84,36 @@ class Sweep:
 
     @classmethod
     def load(cls, name: str = "real_sweep-cpu.json") -> Sweep:
+        """Read a committed sweep (refused if it was written from a dirty tree)."""
         path = find_result(name)
-        return cls(json.loads(path.read_text()), path)
+        return cls(load_result(name), path)
+
+    def at_runner_up(self, name: str = "runner_up-cpu.json") -> Sweep:
+        """The report runs at each method's **runner-up** rate (``benchmarks/runner_up.py``),
+        as a :class:`Sweep` whose ``best_lr`` is the runner-up rate and whose ``metric``,
+        ``runs`` and ``item_table`` read those runs. Checked against this sweep: the same
+        source sweep, seeds, budget and data, and each rate is this sweep's runner-up.
+
+        Raises:
+            ValueError: the runner-up file was made from another sweep or picked other rates.
+        """
+        other = Sweep.load(name)
+        d = other.data
+        if d.get("source_git_commit") != self.data["git_commit"] or \
+                d.get("source_date") != self.data["date"]:
+            raise ValueError(f"{other.path} was made from the sweep of "
+                             f"{d.get('source_git_commit')} ({d.get('source_date')}), not from "
+                             f"{self.path} ({self.data['git_commit']}, {self.data['date']}): "
+                             f"re-run benchmarks/runner_up.py")
+        for key in ("steps", "batch_size", "report_seeds"):
+            if d[key] != self.data[key]:
+                raise ValueError(f"{other.path}: {key}={d[key]!r} differs from the sweep's "
+                                 f"{self.data[key]!r}")
+        for m, lr in d["best_lr"].items():
+            if lr != self.runner_up_lr(m):
+                raise ValueError(f"{other.path}: {m} ran at {lr:g}, but the sweep's runner-up "
+                                 f"is {self.runner_up_lr(m):g}")
+        return other
 
     # -------------------------------------------------------------- what was run, and how
     def provenance(self, width: int = 88) -> str:
@@ -72,7 +123,9 @@ class Sweep:
             f"computed by `{d['command']}` at commit {d['git_commit'][:12]} on "
             f"{d['date'][:10]}: {d['device']}, {d['cpu_count']} cores, torch {d['torch']}; "
             f"{d['steps']} steps of {d['batch_size']} examples per run, "
-            f"{len(d['runs'])} runs, {d.get('seconds', float('nan')) / 3600:.1f} hours; "
+            f"{len(d['runs'])} runs, " + (f"{d['seconds'] / 3600:.1f} hours" if "seconds" in d
+                                          else "run time not recorded (stopped before its end)")
+            + "; "
             f"selection seeds {d['selection_seeds']}, report seeds {d['report_seeds']}", width)
 
     @property
@@ -113,6 +166,45 @@ class Sweep:
         return {lr: [r["validation"][key] for r in self.runs(method, "selection", lr=lr)]
                 for lr in self.grid(method)}
 
+    def selection_ranking(self, method: str) -> list[tuple[float, float]]:
+        """``(lr, mean validation result_nll over the selection seeds)`` for every rate of
+        the grid (extensions included), best first: the ranking the sweep chose from.
+
+        Raises:
+            ValueError: a rate of the grid lacks a selection seed (the selection is
+                incomplete), or the sweep's recorded choice is not the top of the ranking.
+        """
+        curve = self.selection_curve(method)
+        n = len(self.selection_seeds)
+        short = [lr for lr, vals in curve.items() if len(vals) != n]
+        if short:
+            raise ValueError(f"{method}: rates {short} have fewer than {n} selection runs; the "
+                             f"selection is incomplete")
+        ranking = sorted(((lr, float(np.mean(v))) for lr, v in curve.items()),
+                         key=lambda t: t[1])
+        chosen = self.data.get("best_lr", {}).get(method)
+        if chosen is not None and chosen != ranking[0][0]:
+            raise ValueError(f"{method}: the sweep chose {chosen:g}, but the lowest mean "
+                             f"validation loss is at {ranking[0][0]:g}")
+        return ranking
+
+    def runner_up_lr(self, method: str) -> float:
+        """The rate with the second-lowest mean validation result loss (selection seeds)."""
+        ranking = self.selection_ranking(method)
+        if len(ranking) < 2:
+            raise ValueError(f"{method}: a grid of one rate has no runner-up")
+        return ranking[1][0]
+
+    def selection_gap(self, method: str):
+        """The chosen rate against the runner-up: the paired difference (over the selection
+        seeds) of their validation result loss. ``.winner is None`` means the two are
+        within the selection noise (EVIDENCE.md §1: then report both)."""
+        from lora_edu.stats import paired_difference
+
+        (best, _), (second, _) = self.selection_ranking(method)[:2]
+        curve = self.selection_curve(method)
+        return paired_difference(curve[best], curve[second])
+
     # ------------------------------------------------------------------- the numbers
     def metric(self, method: str, key: str, split: str = "test",
                implementation: str = "lora_edu") -> np.ndarray:
@@ -134,3 +226,120 @@ class Sweep:
 
     def base_items(self, split: str = "test") -> dict[str, np.ndarray]:
         return decode_items(self.base[f"{split}_items"])
+
+
+@dataclass(frozen=True)
+class RobustDifference:
+    """A comparison of two methods made at every combination of their rates that the
+    selection could not separate (the chosen rate, and the runner-up where the two were
+    within the selection noise). The verdict is **robust** only when every combination names
+    the same winner; otherwise no winner is named.
+
+    Attributes:
+        cases: ``(rate of a, rate of b, Difference)`` for each combination, the chosen pair
+            first.
+    """
+
+    cases: tuple
+
+    @property
+    def chosen(self):
+        """The difference at the two chosen rates."""
+        return self.cases[0][2]
+
+    @property
+    def winner(self) -> str | None:
+        """``"a"``/``"b"`` when every combination names it, else ``None``."""
+        winners = {d.winner for _, _, d in self.cases}
+        return winners.pop() if len(winners) == 1 else None
+
+    @property
+    def robust(self) -> bool:
+        """Every combination gives the same verdict (a winner, or none)."""
+        return len({d.winner for _, _, d in self.cases}) == 1
+
+    def sentence(self, a: str, b: str, unit: str = "", digits: int = 3, scale: float = 1.0,
+                 measure: str = "") -> str:
+        """The chosen-rate sentence, then, if other rates were compared, whether it holds
+        at them (with their intervals)."""
+        first = self.chosen.sentence(a, b, unit=unit, digits=digits, scale=scale,
+                                     measure=measure)
+        if len(self.cases) == 1:
+            return first
+        others = "; ".join(f"{a} at {ra:g}, {b} at {rb:g}: "
+                           f"{'no winner' if d.winner is None else (a if d.winner == 'a' else b) + ' better'}"
+                           f", {d.interval_text(digits, scale, unit)}"
+                           for ra, rb, d in self.cases[1:])
+        verdict = ("the verdict holds at the runner-up rates too" if self.robust else
+                   "**the verdict changes with the rate**, so it is not robust: no winner is "
+                   "named")
+        return (f"{first} (chosen rates). Where the runner-up rate was within the selection "
+                f"noise: {others}; {verdict}")
+
+
+def robust_difference(sweep: Sweep, runner_up: Sweep | None, a: str, b: str, key: str,
+                      lower_is_better: bool = True, split: str = "test",
+                      transform=None) -> RobustDifference:
+    """:func:`lora_edu.stats.paired_difference` of ``a − b`` on ``key`` (report seeds), at
+    the chosen rates and, for each method whose runner-up rate was within the selection noise
+    (:meth:`Sweep.selection_gap`), at the runner-up too: every combination, paired by seed.
+
+    ``runner_up`` is :meth:`Sweep.at_runner_up` (``None``: the chosen rates only).
+    ``transform`` (e.g. a difference from the base model) is applied to each metric array.
+    """
+    from lora_edu.stats import paired_difference
+
+    def values(s: Sweep, m: str):
+        v = s.metric(m, key, split)
+        return transform(v) if transform else v
+
+    def options(m: str):
+        out = [(sweep.best_lr[m], sweep)]
+        if runner_up is not None and m in runner_up.best_lr and \
+                sweep.selection_gap(m).winner is None:
+            out.append((runner_up.best_lr[m], runner_up))
+        return out
+
+    cases = []
+    for (ra, sa), (rb, sb) in ((x, y) for x in options(a) for y in options(b)):
+        if sa.report_seeds != sb.report_seeds:
+            raise ValueError("the two sets of report runs have different seeds: not paired")
+        cases.append((ra, rb, paired_difference(values(sa, a), values(sb, b),
+                                                lower_is_better=lower_is_better)))
+    return RobustDifference(tuple(cases))
+
+
+def cluster_interval(table: np.ndarray, clusters, confidence: float = 0.95,
+                     n_resamples: int = 2000, seed: int = 0):
+    """The mean of a ``(seeds, items)`` table with a percentile bootstrap interval that
+    resamples seeds and, independently, whole **clusters** of items (``clusters[j]`` names
+    item j's cluster, e.g. its start date and offset): questions that share a start date are
+    not independent evidence, so the interval is as wide as the number of clusters allows.
+
+    Returns:
+        :class:`lora_edu.stats.Interval`.
+
+    Raises:
+        ValueError: the table is not 2-D or ``clusters`` does not label every item.
+    """
+    from lora_edu.stats import Interval
+
+    t = np.asarray(table, dtype=float)
+    labels = np.asarray(clusters)
+    if t.ndim != 2 or labels.shape != (t.shape[1],):
+        raise ValueError(f"need a (seeds, items) table and one cluster label per item, got "
+                         f"{t.shape} and {labels.shape}")
+    ids, inverse = np.unique(labels, return_inverse=True)
+    # per seed and cluster: the sum of the item scores and the count of items
+    sums = np.zeros((t.shape[0], len(ids)))
+    np.add.at(sums.T, inverse, t.T)
+    counts = np.bincount(inverse, minlength=len(ids)).astype(float)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    for i in range(n_resamples):
+        rows = rng.integers(0, t.shape[0], t.shape[0])
+        cols = rng.integers(0, len(ids), len(ids))
+        means[i] = sums[np.ix_(rows, cols)].sum() / (len(rows) * counts[cols].sum())
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Interval(float(t.mean()), float(low), float(high), confidence)
