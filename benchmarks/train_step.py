@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import os
 import statistics
@@ -58,13 +60,30 @@ PEAK_TARGET = 0.40
 TIMED = (("full", False), ("lora_qv_r8", False), ("lora_all_r8", False), ("full", True),
          ("lora_qv_r8", True))
 #: Sequence lengths at which the saved activations are measured again (batch of one). 2,048
-#: tokens needs over 20 GB for full fine-tuning's saved activations in fp32 with the eager
-#: attention's (heads × T × T) tensors kept for backward: it was killed for memory on a 23 GB
-#: machine, so the longest length is 1,024.
+#: tokens was killed for memory on a 23 GB machine before :func:`keep_large_blocks_on_mmap`
+#: (the freed models were still held), and has not been tried since; the longest is 1,024.
 LONG_SEQUENCES = (512, 1024)
 #: A machine whose 1-minute load average exceeds this before the script starts is busy: its
 #: timings are not evidence (EVIDENCE.md §5), and chapter 8 refuses them.
 BUSY_LOAD = 0.5
+
+
+def keep_large_blocks_on_mmap(threshold: int = 64 * 1024) -> bool:
+    """Fix glibc's mmap threshold so that freed tensors go back to the operating system.
+
+    glibc raises its threshold each time a large block is freed, up to 32 MiB, so after the
+    first model copy is deleted the next copies' tensors (a few MiB each) come from the heap,
+    and freeing them no longer lowers the process's memory: measured here, four deleted
+    copies of the model with AdamW left 2.9 GB resident instead of 0.9 GB, and this script
+    grew by about 1 GB per model until it was killed. Setting the threshold (``mallopt``'s
+    ``M_MMAP_THRESHOLD``, -3) turns the adjustment off. Returns whether it was set (not on
+    macOS or Windows, which have no ``mallopt``; their allocators return large blocks anyway).
+    """
+    path = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(path) if path else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(-3, threshold))   # M_MMAP_THRESHOLD
 
 
 def quartiles(values: list[float]) -> dict[str, float]:
@@ -106,18 +125,22 @@ def build(base, method: str, checkpointing: bool, device: torch.device):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=8, help="timed steps per method")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="timed steps per method (at least 2: the ratios' quartiles)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (recorded; the chapter's figures are one thread)")
     parser.add_argument("--long", type=int, nargs="+", default=list(LONG_SEQUENCES),
                         help="sequence lengths for the saved activations (a smoke test: 64 128)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the per-round ratios need two for quartiles)")
     load_average_start = os.getloadavg()   # before this script did anything
     if load_average_start[0] > BUSY_LOAD:
         print(f"warning: load average {load_average_start[0]:.2f} > {BUSY_LOAD}: the machine "
               "is busy; chapter 8 will refuse these timings", flush=True)
     torch.set_num_threads(args.threads)
+    fixed_mmap_threshold = keep_large_blocks_on_mmap()
     device = get_device()
     base, tokenizer = load_smollm2()
     batch = collate(encode_examples(tokenizer, task_data()["train"][:args.batch_size]),
@@ -135,6 +158,7 @@ def main() -> int:
                               "load_average_start": load_average_start,
                               "busy_load": BUSY_LOAD,
                               "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                              "fixed_mmap_threshold": fixed_mmap_threshold,
                               "methods": {}}
     n_params = sum(p.numel() for p in base.parameters())
 
@@ -166,7 +190,7 @@ def main() -> int:
             model = build(base, method, False, device)
             row[method] = saved_activation_bytes(lambda: loss_of(model, long), model)
             del model
-            gc.collect()  # free the copy now: a cycle would keep ~0.5 GB per model alive
+            gc.collect()
         result["long_sequences"][str(length)] = row
         print(f"saved activations at {length} tokens: "
               + ", ".join(f"{m} {b / 2**20:.0f} MiB" for m, b in row.items()), flush=True)
