@@ -62,3 +62,25 @@ def write_result(result: dict[str, Any], name: str, device: torch.device,
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def resumed_runs(out_file: Path, result: dict[str, Any], key) -> dict:
+    """For ``--resume``: the runs of an earlier, cut-short result file, by ``key(run)``.
+
+    Only a file written by this same clean commit counts (its runs were made by this code), and
+    ``result`` records where it resumed from. An absent file resumes nothing.
+
+    Raises:
+        SystemExit: the file is from another commit, or this tree is dirty.
+    """
+    if not out_file.exists():
+        return {}
+    previous = json.loads(out_file.read_text())
+    commit = result["git_commit"] or ""
+    if previous.get("git_commit") != commit or "+dirty" in commit:
+        raise SystemExit(f"--resume needs a result of this same clean commit; {out_file} is "
+                         f"from {previous.get('git_commit')}, this tree is {commit}")
+    result["resumed_from"] = previous["date"]
+    done = {key(r): r for r in previous["runs"]}
+    print(f"resuming: {len(done)} runs already done", flush=True)
+    return done

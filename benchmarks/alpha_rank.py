@@ -12,6 +12,7 @@ default the first of the sweep's, for budget.
 Writes ``benchmarks/results/alpha_rank-<device>.json``. Run it from a clean commit:
 
     python benchmarks/alpha_rank.py
+    python benchmarks/alpha_rank.py --resume    # a run cut short goes on
 """
 
 from __future__ import annotations
@@ -24,8 +25,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import provenance, write_result  # noqa: E402
-from real_sweep import GRID, MAX_EXTENSIONS, SELECTION_SEEDS, _init_worker, _run, past_edge  # noqa: E402
+from _provenance import RESULTS, provenance, resumed_runs, write_result  # noqa: E402
+from real_sweep import (  # noqa: E402
+    GRID,
+    MAX_EXTENSIONS,
+    SELECTION_SEEDS,
+    _init_worker,
+    _key,
+    _run,
+    past_edge,
+)
 
 from lora_edu.pretrained import load_smollm2  # noqa: E402
 from lora_edu.repro import get_device  # noqa: E402
@@ -40,6 +49,9 @@ def main() -> int:
                         help="how many of the sweep's selection seeds to run")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of a result file of this same clean commit and "
+                             "run only the missing ones")
     args = parser.parse_args()
     device = get_device()
     started = time.time()
@@ -52,6 +64,8 @@ def main() -> int:
               "selection_metric": "mean over selection seeds of validation result_nll",
               "load_average_start": os.getloadavg(), "grid": grid,
               "alpha": {m: ALPHA_FIXED[m][2] for m in methods}, "runs": [], "best_lr": {}}
+    out_file = args.out or RESULTS / f"alpha_rank-{device.type}.json"
+    done = resumed_runs(out_file, result, _key) if args.resume else {}
     base, tokenizer = load_smollm2()
     chat = chat_references(base, tokenizer)
     del base
@@ -59,13 +73,15 @@ def main() -> int:
               "steps": args.steps, "batch_size": args.batch_size, "adapters": None}
 
     def collect(pool, jobs):
-        for out in pool.map(_run, jobs):
+        result["runs"] += [done.pop(_key(j)) for j in jobs if _key(j) in done]
+        for out in pool.map(_run, [j for j in jobs if _key(j) not in
+                                   {_key(r) for r in result["runs"]}]):
             out.pop("kind")
             result["runs"].append(out)
             print(f"[{time.time() - started:6.0f}s] {out['method']:20s} lr={out['lr']:g} "
                   f"seed={out['seed']} val_result_nll={out['validation']['result_nll']:.3f}",
                   flush=True)
-        write_result(result, "alpha_rank", device, args.out)
+            write_result(result, "alpha_rank", device, out_file)  # after every run: resumable
 
     def best_lr(m):
         def mean_val(lr):
@@ -87,7 +103,7 @@ def main() -> int:
     result["best_lr"] = {m: best_lr(m) for m in methods}
     result["seconds"] = time.time() - started
     result["load_average_end"] = os.getloadavg()
-    write_result(result, "alpha_rank", device, args.out)
+    write_result(result, "alpha_rank", device, out_file)
     return 0
 
 

@@ -22,6 +22,7 @@ result, so for the worked form it is helped by the reference start date and woul
 Writes ``benchmarks/results/show_work-<device>.json``. Run it from a clean commit:
 
     python benchmarks/show_work.py
+    python benchmarks/show_work.py --resume    # a run cut short goes on
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import RESULTS, provenance, write_result  # noqa: E402
+from _provenance import RESULTS, provenance, resumed_runs, write_result  # noqa: E402
 from real_sweep import GRID as SWEEP_GRID  # noqa: E402
 from real_sweep import (  # noqa: E402
     MAX_EXTENSIONS,
@@ -56,6 +57,11 @@ FORMS = {"bare": {"show_work": False}, "result_first": {"result_first": True}}
 #: The sweep's own form; its rate comes from the sweep's selection.
 WORKED = "worked"
 _WORKER: dict = {}
+
+
+def _key(run: dict) -> tuple:
+    """What identifies a run (or a job)."""
+    return (run["form"], run["lr"], run["seed"], run["phase"])
 
 
 def _init_worker(threads: int, quick: bool) -> None:
@@ -92,6 +98,9 @@ def main() -> int:
                              "(default: results/real_sweep-<device>.json)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: a few questions, one seed of each kind")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of a result file of this same clean commit and "
+                             "run only the missing ones")
     args = parser.parse_args()
     selection = SELECTION_SEEDS[:1] if args.quick else SELECTION_SEEDS
     report = REPORT_SEEDS[:1] if args.quick else REPORT_SEEDS
@@ -113,9 +122,15 @@ def main() -> int:
               "selection_metric": "mean over selection seeds of validation result_nll",
               "source_git_commit": sweep["git_commit"], "source_date": sweep["date"],
               "runs": [], "grid": {}, "best_lr": {}}
+    out_file = args.out or RESULTS / f"show_work-{device.type}.json"
+    done = resumed_runs(out_file, result, _key) if args.resume else {}
+    if done and result.get("source_date") != json.loads(out_file.read_text())["source_date"]:
+        raise SystemExit(f"--resume: {out_file} was made from another sweep")
 
     def collect(pool, jobs):
-        for out in pool.map(_run, jobs):
+        result["runs"] += [done.pop(_key(j)) for j in jobs if _key(j) in done]
+        for out in pool.map(_run, [j for j in jobs if _key(j) not in
+                                   {_key(r) for r in result["runs"]}]):
             result["runs"].append(out)
             test = out.get("test", {})
             print(f"[{time.time() - started:6.0f}s] {out['form']:12s} {out['phase']:9s} "
@@ -123,7 +138,7 @@ def main() -> int:
                   f"val_result_nll={out['validation']['result_nll']:.3f}"
                   + (f" test_result_greedy={test['result_greedy_accuracy']:.3f}" if test else ""),
                   flush=True)
-        write_result(result, "show_work", device, args.out)
+            write_result(result, "show_work", device, out_file)  # after every run: resumable
 
     def job(form, lr, seed, phase):
         return {"form": form, "lr": lr, "seed": seed, "phase": phase, "steps": args.steps,
@@ -153,7 +168,7 @@ def main() -> int:
         collect(pool, [job(f, result["best_lr"][f], s, "report") for f in (*FORMS, WORKED)
                        for s in report])
     result["seconds"] = time.time() - started
-    write_result(result, "show_work", device, args.out)
+    write_result(result, "show_work", device, out_file)
     return 0
 
 

@@ -3,6 +3,9 @@ with the real model's tokenizer."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -153,12 +156,9 @@ def test_stratified_sets_and_question_kinds():
 def test_train_step_long_batch_has_the_asked_length(tokenizer):
     """benchmarks/train_step.long_batch: exactly `length` real tokens (no padding), at lengths
     above and below one example's, from a padded batch of the chapter's task."""
-    import importlib
-    import sys
-    from pathlib import Path
+    from conftest import import_benchmark
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    long_batch = importlib.import_module("train_step").long_batch
+    long_batch = import_benchmark("train_step").long_batch
     batch = collate(encode_examples(tokenizer, date_arithmetic(8)), tokenizer.eos_token_id)
     real = batch["attention_mask"][0].bool()
     row = batch["input_ids"][0][real]
@@ -172,3 +172,28 @@ def test_train_step_long_batch_has_the_asked_length(tokenizer):
                     ).all() or length <= row.numel()
     with pytest.raises(ValueError, match="positive int"):
         long_batch(batch, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_train_step_gives_freed_tensors_back():
+    """benchmarks/train_step.keep_large_blocks_on_mmap: after it, freeing a model's worth of
+    few-MiB tensors lowers the resident memory (glibc's adaptive threshold would keep them on
+    the heap after the first large free, and the script grew ~1 GB per model copy)."""
+    import gc
+
+    from conftest import import_benchmark
+
+    def resident() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    assert import_benchmark("train_step").keep_large_blocks_on_mmap()
+    kept = []   # small tensors that outlive each round pin the heap, as a model's do
+    for _ in range(3):  # later rounds run after a large free, as in the script
+        tensors = []
+        for _ in range(64):   # 64 × 4 MiB
+            tensors.append(torch.ones(1024, 1024))
+            kept.append(torch.ones(16 * 1024))
+        held = resident()
+        del tensors
+        gc.collect()
+        assert held - resident() > 200 * 2**20   # without the fix: 0 in rounds 2 and 3

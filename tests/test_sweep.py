@@ -119,3 +119,20 @@ def test_cluster_interval_is_wider_when_items_are_clustered():
     assert (wide.high - wide.low) > 2 * (narrow.high - narrow.low)
     with pytest.raises(ValueError, match="cluster label"):
         cluster_interval(table, np.arange(5))
+
+
+def test_resume_keeps_only_runs_of_the_same_clean_commit(tmp_path):
+    """benchmarks/_provenance.resumed_runs: a cut-short file of this clean commit resumes by
+    key; another commit's file, or a dirty tree, is refused rather than mixed in."""
+    from conftest import import_benchmark
+
+    prov = import_benchmark("_provenance")
+    out = tmp_path / "x.json"
+    assert prov.resumed_runs(out, {"git_commit": "abc"}, lambda r: r["k"]) == {}
+    out.write_text(json.dumps({"git_commit": "abc", "date": "d0", "runs": [{"k": 1}, {"k": 2}]}))
+    result = {"git_commit": "abc"}
+    assert set(prov.resumed_runs(out, result, lambda r: r["k"])) == {1, 2}
+    assert result["resumed_from"] == "d0"
+    for commit in ("def", "abc+dirty", None):
+        with pytest.raises(SystemExit, match="same clean commit"):
+            prov.resumed_runs(out, {"git_commit": commit}, lambda r: r["k"])
