@@ -16,9 +16,9 @@ otherwise idle machine: the load average at the start, before and after the timi
 with the thread count (``--threads``, 1 by default) and the batch's real token counts; chapter 8
 refuses a file whose starting load average exceeds ``BUSY_LOAD``.
 
-The saved activations are also measured at 512, 1,024 and 2,048 tokens (a batch of one sequence of
-exactly that many tokens: one example's real tokens repeated, no padding; the lengths are
-recorded and checked), to extend the ledger to the sequence lengths of real fine-tuning.
+The saved activations are also measured at 512, 1,024 and 2,048 tokens (a batch of one
+sequence of exactly that many tokens: one example's real tokens repeated, no padding; the
+lengths are recorded and checked), to extend the ledger to the lengths of real fine-tuning.
 
 MFU = achieved model FLOP/s ÷ the GPU's peak dense bf16 FLOP/s, with the model FLOPs of
 ``lora_edu.ledger.flops_per_token`` (``6N`` full, ``4N + 6 N_lora`` LoRA) times the tokens
