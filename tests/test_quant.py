@@ -699,16 +699,9 @@ def test_quantize_modules_stores_more_layers_in_4bit_without_adapters():
 
 def _qlora_sweep():
     """benchmarks/qlora_sweep.py, imported as a module."""
-    import importlib
-    import sys
-    from pathlib import Path
+    from conftest import import_benchmark
 
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        return importlib.import_module("qlora_sweep")
-    finally:
-        sys.path.remove(bench)
+    return import_benchmark("qlora_sweep")
 
 
 def _gpt_with_lora(config: LoraConfig) -> nn.Module:

@@ -350,16 +350,9 @@ def test_dora_detach_norm_only_changes_gradients() -> None:
 
 def _bench(name: str):
     """A module of benchmarks/ (the chapters import them too)."""
-    import importlib
-    import sys
-    from pathlib import Path
+    from conftest import import_benchmark
 
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(bench)
+    return import_benchmark(name)
 
 
 def test_choose_lr_extends_a_best_at_the_edge_until_it_is_inside() -> None:
