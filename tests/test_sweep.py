@@ -70,7 +70,10 @@ def test_robust_difference_needs_every_rate_to_agree():
         for r in same.data["runs"]]})
     rd = robust_difference(s, flip, "full", "lora_qv_r8", "result_nll")
     assert rd.winner is None and not rd.robust
-    assert "not robust" in rd.sentence("full", "r8")
+    text = rd.sentence("full", "r8")
+    # the opening names no winner that the end of the sentence takes back
+    assert text.startswith("no robust winner between full and r8") and "beats" not in text
+    assert "full at 0.0003, r8 at 0.003: full better" in text
     only = robust_difference(s, None, "full", "lora_qv_r8", "result_nll")
     assert len(only.cases) == 1 and only.winner == "a"
     assert np.isclose(only.chosen.mean, -1.0333, atol=1e-3)
@@ -136,3 +139,23 @@ def test_resume_keeps_only_runs_of_the_same_clean_commit(tmp_path):
     for commit in ("def", "abc+dirty", None):
         with pytest.raises(SystemExit, match="same clean commit"):
             prov.resumed_runs(out, {"git_commit": commit}, lambda r: r["k"])
+
+
+def test_metric_over_a_subset_of_kinds_reads_the_per_question_scores():
+    """Sweep.metric(kinds=...): the mean of the per-question scores over those kinds, per seed;
+    over every kind it equals the split's summary; a bad request is refused."""
+    s = _sweep()
+    kinds = ["within_month", "within_month", "year_end", "leap_day"]
+    nll = {10: [1.0, 3.0, 9.0, 7.0], 11: [2.0, 2.0, 8.0, 8.0], 12: [1.0, 1.0, 6.0, 4.0]}
+    exact = {10: "1100", 11: "1000", 12: "0100"}
+    s.data["data"] = {"test_kinds": kinds}
+    s.data["runs"] += [{**_run("full", 3e-4, seed, "report", float(np.mean(v))),
+                        "test_items": {"result_nll": v, "exact": exact[seed]}}
+                       for seed, v in nll.items()]
+    assert np.allclose(s.metric("full", "result_nll", kinds=["within_month"]), [2.0, 2.0, 1.0])
+    assert np.allclose(s.metric("full", "result_nll", kinds=kinds), s.metric("full", "result_nll"))
+    assert np.allclose(s.metric("full", "exact_match", kinds=["within_month"]), [1.0, 0.5, 0.5])
+    with pytest.raises(ValueError, match="no test question"):
+        s.metric("full", "result_nll", kinds=["month_end"])
+    with pytest.raises(ValueError, match="kinds needs"):
+        s.metric("full", "prose_loss", kinds=["within_month"])

@@ -206,11 +206,28 @@ class Sweep:
         return paired_difference(curve[best], curve[second])
 
     # ------------------------------------------------------------------- the numbers
+    #: per-question fields behind the split summaries, for :meth:`metric` over a subset
+    ITEM_FIELDS = {"exact_match": "exact", "start_accuracy": "start_ok",
+                   "result_accuracy": "result_ok", "result_nll": "result_nll"}
+
     def metric(self, method: str, key: str, split: str = "test",
-               implementation: str = "lora_edu") -> np.ndarray:
+               implementation: str = "lora_edu", kinds=None) -> np.ndarray:
         """One value per report seed: a split summary (``"exact_match"``, ``"result_nll"``,
-        ``"result_accuracy"``, ...) or a top-level figure (``"prose_loss"``, ``"chat_loss"``)."""
+        ``"result_accuracy"``, ...) or a top-level figure (``"prose_loss"``, ``"chat_loss"``).
+
+        ``kinds`` (test split only): the mean of the per-question scores over the questions
+        of those kinds (e.g. ``("within_month", "month_end")``) instead of all of them.
+        """
         runs = self.runs(method, implementation=implementation)
+        if kinds is not None:
+            if split != "test" or key not in self.ITEM_FIELDS:
+                raise ValueError(f"kinds needs split='test' and a key in "
+                                 f"{sorted(self.ITEM_FIELDS)}, got {split!r}, {key!r}")
+            mask = np.isin(self.test_kinds, list(kinds))
+            if not mask.any():
+                raise ValueError(f"no test question is of the kinds {kinds}")
+            table = self.item_table(method, self.ITEM_FIELDS[key], split, implementation)
+            return table[:, mask].astype(float).mean(axis=1)
         if key in runs[0].get(split, {}):
             return np.array([r[split][key] for r in runs])
         return np.array([r[key] for r in runs])
@@ -260,37 +277,44 @@ class RobustDifference:
 
     def sentence(self, a: str, b: str, unit: str = "", digits: int = 3, scale: float = 1.0,
                  measure: str = "") -> str:
-        """The chosen-rate sentence, then, if other rates were compared, whether it holds
-        at them (with their intervals)."""
+        """The verdict as a sentence. Robust: the chosen-rate sentence, then that it holds at
+        the runner-up rates (with their intervals). Not robust: it opens with "no robust
+        winner", then gives every combination, so the opening never names a winner that the
+        end takes back."""
         first = self.chosen.sentence(a, b, unit=unit, digits=digits, scale=scale,
                                      measure=measure)
         if len(self.cases) == 1:
             return first
-        others = "; ".join(f"{a} at {ra:g}, {b} at {rb:g}: "
-                           f"{'no winner' if d.winner is None else (a if d.winner == 'a' else b) + ' better'}"
-                           f", {d.interval_text(digits, scale, unit)}"
-                           for ra, rb, d in self.cases[1:])
-        verdict = ("the verdict holds at the runner-up rates too" if self.robust else
-                   "**the verdict changes with the rate**, so it is not robust: no winner is "
-                   "named")
-        return (f"{first} (chosen rates). Where the runner-up rate was within the selection "
-                f"noise: {others}; {verdict}")
+
+        def case(ra, rb, d):
+            said = "no winner" if d.winner is None else (a if d.winner == "a" else b) + " better"
+            return f"{a} at {ra:g}, {b} at {rb:g}: {said}, {d.interval_text(digits, scale, unit)}"
+
+        others = "; ".join(case(*c) for c in self.cases[1:])
+        if self.robust:
+            return (f"{first} (chosen rates). Where the runner-up rate was within the "
+                    f"selection noise: {others}; the verdict holds at the runner-up rates too")
+        on = f" {measure}" if measure else ""
+        return (f"no robust winner between {a} and {b}{on}: **the verdict changes with the "
+                f"learning rate**, so none is named ({case(*self.cases[0])} at the chosen "
+                f"rates; {others})")
 
 
 def robust_difference(sweep: Sweep, runner_up: Sweep | None, a: str, b: str, key: str,
                       lower_is_better: bool = True, split: str = "test",
-                      transform=None) -> RobustDifference:
+                      transform=None, kinds=None) -> RobustDifference:
     """:func:`lora_edu.stats.paired_difference` of ``a − b`` on ``key`` (report seeds), at
     the chosen rates and, for each method whose runner-up rate was within the selection noise
     (:meth:`Sweep.selection_gap`), at the runner-up too: every combination, paired by seed.
 
     ``runner_up`` is :meth:`Sweep.at_runner_up` (``None``: the chosen rates only).
-    ``transform`` (e.g. a difference from the base model) is applied to each metric array.
+    ``transform`` (e.g. a difference from the base model) is applied to each metric array;
+    ``kinds`` restricts the test questions (:meth:`Sweep.metric`).
     """
     from lora_edu.stats import paired_difference
 
     def values(s: Sweep, m: str):
-        v = s.metric(m, key, split)
+        v = s.metric(m, key, split, kinds=kinds)
         return transform(v) if transform else v
 
     def options(m: str):
