@@ -64,7 +64,7 @@ def test_robust_difference_needs_every_rate_to_agree():
                            ).data, "best_lr": {"full": 1e-4, "lora_qv_r8": 1e-3}})
     rd = robust_difference(s, same, "full", "lora_qv_r8", "result_nll")
     assert len(rd.cases) == 4 and rd.winner == "a" and rd.robust
-    assert "holds at the runner-up" in rd.sentence("full", "r8", unit="nats")
+    assert "the same verdict at the 3 other combinations" in rd.sentence("full", "r8", unit="nats")
     flip = Sweep({**same.data, "runs": [
         {**r, "test": {**r["test"], "result_nll": r["test"]["result_nll"] + 5 * (r["method"] == "full")}}
         for r in same.data["runs"]]})
@@ -73,7 +73,7 @@ def test_robust_difference_needs_every_rate_to_agree():
     text = rd.sentence("full", "r8")
     # the opening names no winner that the end of the sentence takes back
     assert text.startswith("no robust winner between full and r8") and "beats" not in text
-    assert "full at 0.0003, r8 at 0.003: full better" in text
+    assert "full at 0.0003, r8 at 0.003: full better, \u22121.033 [" in text
     only = robust_difference(s, None, "full", "lora_qv_r8", "result_nll")
     assert len(only.cases) == 1 and only.winner == "a"
     assert np.isclose(only.chosen.mean, -1.0333, atol=1e-3)

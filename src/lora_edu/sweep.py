@@ -277,27 +277,36 @@ class RobustDifference:
 
     def sentence(self, a: str, b: str, unit: str = "", digits: int = 3, scale: float = 1.0,
                  measure: str = "") -> str:
-        """The verdict as a sentence. Robust: the chosen-rate sentence, then that it holds at
-        the runner-up rates (with their intervals). Not robust: it opens with "no robust
-        winner", then gives every combination, so the opening never names a winner that the
-        end takes back."""
+        """The verdict as a sentence. Robust: the chosen-rate sentence, then that the other
+        combinations of near-tied rates give the same verdict (with the range of their
+        differences). Not robust: it opens with "no robust winner", then gives every
+        combination with its 95 % interval, so the opening never names a winner that the end
+        takes back."""
         first = self.chosen.sentence(a, b, unit=unit, digits=digits, scale=scale,
                                      measure=measure)
         if len(self.cases) == 1:
             return first
 
+        def num(v: float) -> str:
+            return f"{v * scale:+.{digits}f}".replace("-", "\u2212")
+
         def case(ra, rb, d):
             said = "no winner" if d.winner is None else (a if d.winner == "a" else b) + " better"
-            return f"{a} at {ra:g}, {b} at {rb:g}: {said}, {d.interval_text(digits, scale, unit)}"
+            return (f"{a} at {ra:g}, {b} at {rb:g}: {said}, {num(d.mean)} "
+                    f"[{num(d.low)}, {num(d.high)}]")
 
-        others = "; ".join(case(*c) for c in self.cases[1:])
+        u = f" {unit}" if unit else ""
+        rest = self.cases[1:]
         if self.robust:
-            return (f"{first} (chosen rates). Where the runner-up rate was within the "
-                    f"selection noise: {others}; the verdict holds at the runner-up rates too")
+            means = [d.mean for _, _, d in rest]
+            return (f"{first} (chosen rates); the same verdict at the {len(rest)} other "
+                    f"combination{'s' if len(rest) > 1 else ''} of near-tied rates (differences "
+                    f"{num(min(means))} to {num(max(means))}{u})")
         on = f" {measure}" if measure else ""
         return (f"no robust winner between {a} and {b}{on}: **the verdict changes with the "
-                f"learning rate**, so none is named ({case(*self.cases[0])} at the chosen "
-                f"rates; {others})")
+                f"learning rate**, so none is named ({u.strip() or 'differences'}, 95 % CI: "
+                + "; ".join(case(*c) for c in self.cases) + "; the first pair is the chosen "
+                "rates)")
 
 
 def robust_difference(sweep: Sweep, runner_up: Sweep | None, a: str, b: str, key: str,
