@@ -298,10 +298,11 @@ class RobustDifference:
         u = f" {unit}" if unit else ""
         rest = self.cases[1:]
         if self.robust:
-            means = [d.mean for _, _, d in rest]
+            lo, hi = min(d.mean for _, _, d in rest), max(d.mean for _, _, d in rest)
+            spread = (f"difference {num(lo)}{u}" if num(lo) == num(hi) else
+                      f"differences {num(lo)} to {num(hi)}{u}")
             return (f"{first} (chosen rates); the same verdict at the {len(rest)} other "
-                    f"combination{'s' if len(rest) > 1 else ''} of near-tied rates (differences "
-                    f"{num(min(means))} to {num(max(means))}{u})")
+                    f"combination{'s' if len(rest) > 1 else ''} of near-tied rates ({spread})")
         on = f" {measure}" if measure else ""
         return (f"no robust winner between {a} and {b}{on}: **the verdict changes with the "
                 f"learning rate**, so none is named ({u.strip() or 'differences'}, 95 % CI: "
