@@ -76,11 +76,15 @@ def main() -> int:
     source = json.loads(sweep_path.read_text())
     sweep = Sweep(source, sweep_path)
     if not args.quick:
-        if "+dirty" in (source["git_commit"] or "") or "seconds" not in source:
-            raise SystemExit(f"{sweep_path} is not a finished sweep from a clean commit")
-        missing = [m for m in args.methods if m not in source["best_lr"]]
+        if "+dirty" in (source["git_commit"] or ""):
+            raise SystemExit(f"{sweep_path} was written from a dirty tree")
+        # finished for this purpose: every method chosen and reported on every report seed
+        # (a sweep stopped after its report runs, before its alpha=16 step, has no 'seconds')
+        missing = [m for m in args.methods if m not in source["best_lr"]
+                   or len(sweep.runs(m)) != len(source["report_seeds"])]
         if missing:
-            raise SystemExit(f"the sweep has no chosen rate for {missing}: let it finish")
+            raise SystemExit(f"the sweep has no chosen rate or not every report run for "
+                             f"{missing}: let it finish")
     seeds = source["report_seeds"][:1] if args.quick else source["report_seeds"]
     steps = args.steps or source["steps"]
     runner_up = {m: sweep.runner_up_lr(m) for m in args.methods}
