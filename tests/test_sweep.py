@@ -155,7 +155,14 @@ def test_metric_over_a_subset_of_kinds_reads_the_per_question_scores():
     assert np.allclose(s.metric("full", "result_nll", kinds=["within_month"]), [2.0, 2.0, 1.0])
     assert np.allclose(s.metric("full", "result_nll", kinds=kinds), s.metric("full", "result_nll"))
     assert np.allclose(s.metric("full", "exact_match", kinds=["within_month"]), [1.0, 0.5, 0.5])
+    # a weighted mix of the per-kind means: within month 2, 2, 1; year end 9, 8, 6; leap 7, 8, 4
+    mix = s.metric("full", "result_nll", kinds={"within_month": 0.5, "year_end": 0.25,
+                                                "leap_day": 0.25})
+    assert np.allclose(mix, [0.5 * 2 + 0.25 * 9 + 0.25 * 7, 0.5 * 2 + 0.25 * 8 + 0.25 * 8,
+                             0.5 * 1 + 0.25 * 6 + 0.25 * 4])
     with pytest.raises(ValueError, match="no test question"):
         s.metric("full", "result_nll", kinds=["month_end"])
+    with pytest.raises(ValueError, match="no test question"):
+        s.metric("full", "result_nll", kinds={"month_end": 1.0, "within_month": 1.0})
     with pytest.raises(ValueError, match="kinds needs"):
         s.metric("full", "prose_loss", kinds=["within_month"])

@@ -216,18 +216,31 @@ class Sweep:
         ``"result_accuracy"``, ...) or a top-level figure (``"prose_loss"``, ``"chat_loss"``).
 
         ``kinds`` (test split only): the mean of the per-question scores over the questions
-        of those kinds (e.g. ``("within_month", "month_end")``) instead of all of them.
+        of those kinds (e.g. ``("within_month", "month_end")``) instead of all of them; a dict
+        ``{kind: weight}`` gives the weighted mean of the per-kind means instead (e.g. the
+        natural mix of questions, :func:`lora_edu.tasks.natural_kind_shares`).
         """
         runs = self.runs(method, implementation=implementation)
         if kinds is not None:
             if split != "test" or key not in self.ITEM_FIELDS:
                 raise ValueError(f"kinds needs split='test' and a key in "
                                  f"{sorted(self.ITEM_FIELDS)}, got {split!r}, {key!r}")
-            mask = np.isin(self.test_kinds, list(kinds))
-            if not mask.any():
-                raise ValueError(f"no test question is of the kinds {kinds}")
-            table = self.item_table(method, self.ITEM_FIELDS[key], split, implementation)
-            return table[:, mask].astype(float).mean(axis=1)
+            table = self.item_table(method, self.ITEM_FIELDS[key], split,
+                                    implementation).astype(float)
+            weights = dict(kinds) if isinstance(kinds, dict) else None
+            groups = list(weights) if weights else [list(kinds)]
+            means = []
+            for group in groups:
+                mask = np.isin(self.test_kinds, group if isinstance(group, list) else [group])
+                if not mask.any():
+                    raise ValueError(f"no test question is of the kinds {group}")
+                means.append(table[:, mask].mean(axis=1))
+            if weights is None:
+                return means[0]
+            w = np.array([weights[k] for k in groups], dtype=float)
+            if (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"kind weights must be non-negative and not all 0, got {weights}")
+            return np.stack(means, axis=1) @ (w / w.sum())
         if key in runs[0].get(split, {}):
             return np.array([r[split][key] for r in runs])
         return np.array([r[key] for r in runs])
