@@ -360,7 +360,7 @@ def cluster_interval(table: np.ndarray, clusters, confidence: float = 0.95,
                      n_resamples: int = 2000, seed: int = 0):
     """The mean of a ``(seeds, items)`` table with a percentile bootstrap interval that
     resamples seeds and, independently, whole **clusters** of items (``clusters[j]`` names
-    item j's cluster, e.g. its start date and offset): questions that share a start date are
+    item j's cluster, e.g. its start day of the year): questions that share a start day are
     not independent evidence, so the interval is as wide as the number of clusters allows.
 
     Returns:
