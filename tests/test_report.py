@@ -187,3 +187,17 @@ def test_glue_stores_numpy_scalars_as_python_numbers(monkeypatch):
     assert type(stored["t"]) is float
     glue("s", "text")
     assert stored["s"] == "text"
+
+
+def test_a_column_of_formatted_numbers_is_right_aligned_as_written():
+    """Pre-formatted numbers (an interval, a signed difference, a ratio, a percentage, the
+    missing mark) keep their text but align like numbers; words, or counts written as
+    phrases, stay text."""
+    rows = [["full", "45.3 [42.8, 47.8]", "+0.010", "1×", "yes"],
+            ["r=8", "41.9 [34.7, 49.2]", "\u22120.549", "10×", "no"],
+            ["r=64", "—", "12 %", "3.33×", "1 of 16"]]
+    cells, numeric = format_columns(rows, ["method", "EM", "gap", "ratio", "edge?"])
+    assert numeric == [False, True, True, True, False]
+    assert cells[1][2] == "\u22120.549" and cells[2][1] == "—"
+    html = table_html(rows, ["method", "EM", "gap", "ratio", "edge?"])
+    assert 'class="data row1 col1 num"' in html and 'class="data row2 col4 text"' in html

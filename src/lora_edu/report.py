@@ -24,7 +24,9 @@ How a column of floats is formatted (``numeric_format``):
 ``numeric_format`` is one format for every column, or a sequence with one entry per column,
 or a mapping from column name to format (``None`` entries and missing names take the default).
 A column that also holds text (a "setting / value" table) is left-aligned and each of its
-numbers is formatted on its own.
+numbers is formatted on its own. A column of strings that are *already formatted numbers*
+(``"45.3 [42.8, 47.8]"``, ``"+0.010"``, ``"3.33×"``, ``"12 %"``, ``"0.286 (0.031–0.644)"``,
+``"—"``) is kept as written but right-aligned like a numeric one.
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ def _is_float(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return _is_int(v) or _is_float(v)
+
+
+_NUM = r"[+\-\u2212]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:e[+\-\u2212]?\d+)?(?:\s?(?:%|×))?"
+_FORMATTED_NUMBER = re.compile(
+    rf"{_NUM}(?:\s*[\[(]\s*{_NUM}\s*(?:,|–|-|to)\s*{_NUM}\s*[\])])?", re.IGNORECASE)
+
+
+def _is_formatted_number(v: Any) -> bool:
+    """A string that is a number as written: ``"2.56"``, ``"+3.6"``, ``"45.3 [42.8, 47.8]"``,
+    ``"3.33×"``, ``"12 %"``, or the missing mark."""
+    return isinstance(v, str) and (v.strip() == MISSING
+                                   or _FORMATTED_NUMBER.fullmatch(v.strip()) is not None)
 
 
 def _decimals_for(values: Sequence[float], sig: int) -> int | None:
@@ -172,7 +186,11 @@ def format_columns(rows: Sequence[Sequence[Any]], columns: Sequence[str],
         values = [r[j] for r in rows]
         is_num = any(_is_number(v) for v in values) and \
             all(_is_number(v) or v is None for v in values)
-        numeric.append(is_num)
+        # pre-formatted numbers (intervals, signed differences, ratios) align like numbers
+        formatted = not is_num and any(isinstance(v, str) and v.strip() != MISSING
+                                       for v in values) and \
+            all(v is None or _is_formatted_number(v) for v in values)
+        numeric.append(is_num or formatted)
         column_fmt = _float_formatter(spec, [float(v) for v in values if _is_float(v)]) \
             if is_num else None
         # a fixed format given for this very column applies to its integers too
