@@ -442,16 +442,7 @@ def test_committed_benchmark_names_the_figures_the_chapter_reads() -> None:
 
 def test_benchmark_cache_simulation_uses_the_adapter_it_names() -> None:
     """The LRU simulation's adapter is the one whose size the chapter quotes (all-linear)."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        ma = importlib.import_module("multi_adapter")
-    finally:
-        sys.path.remove(str(bench))
+    ma = _benchmark("multi_adapter")
     live = ma.where_adapters_live()
     c = live["cache"]
     assert live["sizes"][c["size_key"]]["bytes_fp16"] == c["bytes_per_adapter"]
@@ -578,16 +569,9 @@ def test_kv_cache_is_adapter_specific_after_the_first_adapted_layer() -> None:
 
 def _benchmark(name: str):
     """Import benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-    import importlib
-    import sys
-    from pathlib import Path
+    from conftest import import_benchmark
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(bench))
+    return import_benchmark(name)
 
 
 def test_merge_latency_times_short_shapes_several_passes_at_a_time() -> None:
