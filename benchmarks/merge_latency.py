@@ -16,7 +16,8 @@ shape: enough that each timing covers as many tokens as one pass of the largest 
 (``calls_per_timing`` in the settings; times are written per forward pass).
 
 Statistics (``../shared/EVIDENCE.md`` §5): each round runs all five versions back to back in a
-rotated order; each version's time relative to the base is the geometric mean of the per-round
+fresh random order (seeded, :func:`lora_edu.serving.round_orders`: a fixed rotation would let
+one version always follow the same neighbour); each version's time relative to the base is the geometric mean of the per-round
 ratios with its own 95 % interval (paired over rounds, :func:`lora_edu.serving.round_ratio`;
 their median and quartiles are stored as the spread). On a GPU the clock is elapsed time; on
 a CPU it is the CPU time of the one thread PyTorch runs on, so a CPU figure is a one-thread
@@ -138,6 +139,8 @@ def main() -> int:
                                    "end": [round(v, 2) for v in os.getloadavg()]},
         "duration_s": round(time.time() - t_start, 1),
         "settings": {"rounds": args.rounds, "warmup_rounds": 2, "clock": clock,
+                     "order": "a seeded random permutation per round "
+                              "(lora_edu.serving.round_orders, seed 0)",
                      "quick": args.quick,
                      "torch_threads": torch.get_num_threads(),
                      "calls_per_timing": repeat,

@@ -14,7 +14,7 @@ adapters (:class:`lora_edu.serving.MultiLoRALinear`). Adapter popularity is *uni
 (round-robin in a seeded random order) or *Zipf*-skewed (adapter j drawn with probability ∝
 1/(j+1)); the batch is sorted by adapter, as a server's scheduler arranges it. Two shapes:
 *prefill* (a prompt of T tokens per request) and *decode* (one new token per request, no KV
-cache: the forward pass of one step). Arms, timed in rotating rounds:
+cache: the forward pass of one step). Arms, timed in rounds of a fresh random order:
 
 * ``base``: the model without adapters;
 * ``auto``, ``segmented`` (SGMV-like), ``gathered`` (BGMV-like), ``loop``: the batched layer's
@@ -41,13 +41,15 @@ all arriving at time 0, are decoded greedily for ``new_tokens`` tokens with a KV
 (:func:`lora_edu.serving.serve_decode`) by four servers: the base model (no adapters, the
 floor); ``batched`` (one mixed batch through MultiLoRALinear); ``peft_mixed`` (one mixed batch
 through PEFT's ``adapter_names``); ``merged_one_at_a_time`` (each adapter merged in turn, its
-requests decoded to completion before the next adapter's start). Per request: time to first
+requests decoded to completion before the next adapter's start); and ``batched_again``, the
+batched server timed a second time in every round, an A/A control whose ratio to
+``batched`` measures the run's own resolution. Per request: time to first
 token (TTFT, waiting included), time per output token after the first (TPOT) and end-to-end
 latency; per server and round: their mean and p95 over the requests, and tokens per second;
 across rounds (``mean_over_rounds``): the mean of each per-round figure with its 95 % t-interval.
 
 **Statistics** (``../shared/EVIDENCE.md`` §5). Each round runs every arm once, back to back, in
-a rotated order; a ratio is the geometric mean of the per-round ratios with its own 95 %
+a fresh random order (seeded, :func:`lora_edu.serving.round_orders`); a ratio is the geometric mean of the per-round ratios with its own 95 %
 interval (paired over rounds; :func:`lora_edu.serving.round_ratio`), whose median and quartiles
 are stored as their spread. Every per-round figure is written too. On a GPU the clock is
 elapsed time; on a CPU it is the CPU time of the one thread PyTorch runs on
@@ -278,7 +280,8 @@ def layer_sweep(device: torch.device, cfg: dict, rounds: int) -> dict:
 
 
 def decode_latency(device: torch.device, dcfg: dict, rounds: int) -> dict:
-    """Greedy decoding with a KV cache on SmolLM2, four servers in rotating rounds."""
+    """Greedy decoding with a KV cache on SmolLM2, four servers and an A/A twin of ours
+    (``batched_again``: the same server timed again) in rounds of a fresh random order."""
     from lora_edu.pretrained import load_smollm2
 
     seed_all(0)
@@ -299,6 +302,9 @@ def decode_latency(device: torch.device, dcfg: dict, rounds: int) -> dict:
         "base": lambda: serve_decode([(every, lambda: None)], base, idx, G, clk),
         "batched": lambda: serve_decode([(every, lambda: set_adapter_ids(multi, ids))],
                                         multi, idx, G, clk),
+        # A/A control: the same server again, so the run's own resolution is measured
+        "batched_again": lambda: serve_decode([(every, lambda: set_adapter_ids(multi, ids))],
+                                              multi, idx, G, clk),
         "peft_mixed": lambda: serve_decode(
             [(every, lambda: {"adapter_names": [names[j] for j in ids.tolist()]})],
             peft_model, idx, G, clk),
@@ -314,7 +320,7 @@ def decode_latency(device: torch.device, dcfg: dict, rounds: int) -> dict:
     agree = {arm: round(float((res[0].tokens == ref).float().mean()), 4)
              for arm, res in results.items() if arm != "base"}
     ratios = {}
-    for arm in ("base", "peft_mixed", "merged_one_at_a_time"):
+    for arm in ("base", "batched_again", "peft_mixed", "merged_one_at_a_time"):
         ratios[arm] = {m: round_ratio(per_round[arm][m], per_round["batched"][m]).as_dict()
                        for m in metrics}
     mean_over_rounds = {arm: {m: [round(v, 6) for v in (i.estimate, i.low, i.high)]
@@ -455,6 +461,8 @@ def main() -> int:
                                     "zipf": f"p(j) ∝ 1/(j+1)^{ZIPF_EXPONENT}"},
                      "mixed_ranks": MIXED_RANKS, "segment_min_rank_rows": SEGMENT_MIN_RANK_ROWS,
                      "batch_order": "sorted by adapter",
+                     "round_order": "a seeded random permutation per round "
+                                    "(lora_edu.serving.round_orders, seed 0)",
                      "statistic": "tokens/s from the median time over paired rounds; "
                                   "speed_ratios: geometric mean of the per-round ratios with "
                                   "its 95 % CI, and their median and quartiles as the spread "

@@ -429,7 +429,8 @@ def test_committed_benchmark_names_the_figures_the_chapter_reads() -> None:
         mixed = rec["figures"][f"{shape}_32_adapters_mixed_ranks"]
         assert mixed["padding_fraction_gathered"] > 0
     dec = rec["decode_kv_cache"]
-    assert set(dec["per_round"]) == {"base", "batched", "peft_mixed", "merged_one_at_a_time"}
+    assert set(dec["per_round"]) == {"base", "batched", "batched_again", "peft_mixed",
+                                     "merged_one_at_a_time"}
     assert all({"ttft_mean", "ttft_p95", "tpot_mean", "tpot_p95"} <= set(m)
                for m in dec["per_round"].values())
     # the same greedy tokens, up to a near-tied argmax that float rounding can flip (after
@@ -483,9 +484,35 @@ def test_rotating_rounds_rotates_and_drops_warmup() -> None:
 
     order: list[str] = []
     out = rotating_rounds({n: (lambda n=n: order.append(n) or n) for n in "abc"}, rounds=2,
-                          warmup=1)
+                          warmup=1, order="rotated")
     assert order == list("abc") + list("bca") + list("cab")
     assert out == {"a": ["a", "a"], "b": ["b", "b"], "c": ["c", "c"]}
+
+
+def test_round_orders_shuffle_so_no_arm_always_follows_the_same_one() -> None:
+    from lora_edu.serving import round_orders, rotating_rounds
+
+    names = ["ref", "twin", "x", "y"]
+    rotated = round_orders(names, 40, order="rotated")
+    shuffled = round_orders(names, 40, seed=3)
+    assert all(sorted(o) == sorted(names) for o in shuffled)      # every arm once per round
+    assert shuffled == round_orders(names, 40, seed=3)            # seeded
+    assert shuffled != round_orders(names, 40, seed=4)
+
+    def follows(orders: list[list[str]], a: str, b: str) -> int:
+        return sum(o.index(b) == o.index(a) + 1 for o in orders)
+
+    # rotated: "twin" directly follows "ref" in 3 of every 4 rounds; shuffled: about 1 in 4
+    assert follows(rotated, "ref", "twin") == 30
+    assert follows(shuffled, "ref", "twin") < 20
+    # first place is shared out, not dealt in turn
+    assert {o[0] for o in shuffled} == set(names)
+    calls: list[str] = []
+    rotating_rounds({n: (lambda n=n: calls.append(n)) for n in names}, rounds=5, warmup=0,
+                    seed=3)
+    assert [calls[i:i + 4] for i in range(0, 20, 4)] == round_orders(names, 5, seed=3)
+    with pytest.raises(ValueError, match="shuffled"):
+        round_orders(names, 2, order="random")
 
 
 def tiny_llama():

@@ -42,7 +42,8 @@ over many swaps (merge/unmerge in bf16 or fp16 does pile it up; chapter 11 measu
 sublayer. Unlike LoRA they cannot be merged into W0 (σ is non-linear), so they add sequential
 work at inference; :func:`add_bottleneck_adapters` puts them into the small GPT.
 
-**Measuring.** :func:`interleaved_timings` times candidates in rotating rounds;
+**Measuring.** :func:`interleaved_timings` times candidates in rounds, each in a fresh random
+order (:func:`round_orders`);
 :func:`round_ratio` turns two candidates' per-round times into the geometric mean of the
 per-round ratios with its own 95 % interval (exp of a paired t-interval of the mean log ratio,
 by :func:`lora_edu.stats.paired_difference`) and a verdict from that interval; the median and
@@ -57,6 +58,7 @@ PEFT user has.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -93,6 +95,7 @@ __all__ = [
     "percentile",
     "random_adapters",
     "rotating_rounds",
+    "round_orders",
     "round_ratio",
     "serve_decode",
     "set_adapter_ids",
@@ -108,12 +111,11 @@ AdapterIds = Sequence[str] | Sequence[int] | torch.Tensor
 #: path otherwise. Set from the layer sweep of ``benchmarks/multi_adapter.py``
 #: (``layer_sweep.best_threshold`` in its result file): the power of two with the smallest
 #: worst-case slowdown against the faster path over its shapes and ranks, slowdowns from the
-#: geometric-mean per-round ratio (:func:`threshold_worst_slowdown`). Two idle CPU runs of the
-#: sweep disagreed (one chose 128, the committed one 64) and neither tells 64 from 128 apart
-#: (:func:`choose_threshold`'s ``tied`` set); the constant stays 128, and
-#: ``tests/test_serving.py`` fails if it leaves the set the committed sweep cannot separate
-#: from its best.
-SEGMENT_MIN_RANK_ROWS = 128
+#: geometric-mean per-round ratio (:func:`threshold_worst_slowdown`). The committed sweep
+#: chooses 64 and tells it apart from 128 on the rows where the two pick different paths
+#: (paired per-round ratios, :func:`choose_threshold`); ``tests/test_serving.py`` fails if
+#: the constant leaves the set the committed sweep cannot separate from its best.
+SEGMENT_MIN_RANK_ROWS = 64
 
 
 def choose_path(requests: int, adapters_present: int, r_max: int,
@@ -519,13 +521,32 @@ class AdapterSwitcher:
 
 # --------------------------------------------------------------------------- measuring
 
+def round_orders(names: Sequence[str], rounds: int, order: str = "shuffled",
+                 seed: int = 0) -> list[list[str]]:
+    """The order in which each of ``rounds`` rounds calls the arms ``names``.
+
+    ``"shuffled"``: a fresh random permutation every round (``random.Random(seed)``). A fixed
+    cycle (``"rotated"``: round i starts at arm i mod n, the order of older result files)
+    makes each arm follow the same neighbour in most rounds, so whatever one call leaves
+    behind (a warm cache, a pending free, a clock ramp) lands on the same arm each time: a
+    carry-over that pairing does not remove. Shuffling spreads it over every arm."""
+    names = list(names)
+    if order == "rotated":
+        return [names[i % len(names):] + names[:i % len(names)] for i in range(rounds)]
+    if order != "shuffled":
+        raise ValueError(f"order must be 'shuffled' or 'rotated', got {order!r}")
+    rng = random.Random(seed)
+    return [rng.sample(names, len(names)) for _ in range(rounds)]
+
+
 def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int = 10,
-                        warmup: int = 2, clock: str = "wall") -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin so that machine noise (other
+                        warmup: int = 2, clock: str = "wall", order: str = "shuffled",
+                        seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in rounds so that machine noise (other
     processes, clock changes) hits every candidate alike rather than whichever ran last.
 
-    Each round calls every function once, in a rotated order; on CUDA each call is
-    synchronised. ``clock="wall"`` measures elapsed time (``time.perf_counter``).
+    Each round calls every function once, in the round's order from :func:`round_orders`
+    (a seeded random permutation by default); on CUDA each call is synchronised. ``clock="wall"`` measures elapsed time (``time.perf_counter``).
     ``clock="thread"`` measures the CPU time of the calling thread (``time.thread_time``)
     with PyTorch limited to one thread for the duration: on a CPU shared with other
     processes this counts the work of the computation itself and not the time spent waiting
@@ -543,8 +564,8 @@ def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int = 
     if clock == "thread":
         torch.set_num_threads(1)  # other threads' work would not show in this thread's clock
     try:
-        for rnd in range(warmup + repeats):
-            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+        for rnd, names_in_order in enumerate(round_orders(names, warmup + repeats, order, seed)):
+            for name in names_in_order:
                 sync()
                 t0 = now()
                 fns[name]()
@@ -557,16 +578,19 @@ def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int = 
 
 
 def rotating_rounds(fns: Mapping[str, Callable[[], Any]], rounds: int,
-                    warmup: int = 1) -> dict[str, list[Any]]:
-    """Call every function once per round, in an order rotated each round, and collect what
-    each returns (the ``warmup`` rounds are run and dropped). The arms of a comparison then
-    share each round's machine state, so that a per-round ratio compares like with like."""
+                    warmup: int = 1, order: str = "shuffled",
+                    seed: int = 0) -> dict[str, list[Any]]:
+    """Call every function once per round, in the round's order from :func:`round_orders`
+    (a seeded random permutation by default; ``order="rotated"`` for the fixed cycle of
+    older result files), and collect what each returns (the ``warmup`` rounds are run and
+    dropped). The arms of a comparison then share each round's machine state, so that a
+    per-round ratio compares like with like."""
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
     names = list(fns)
     out: dict[str, list[Any]] = {n: [] for n in names}
-    for rnd in range(warmup + rounds):
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+    for rnd, names_in_order in enumerate(round_orders(names, warmup + rounds, order, seed)):
+        for name in names_in_order:
             value = fns[name]()
             if rnd >= warmup:
                 out[name].append(value)
@@ -711,13 +735,27 @@ def choose_threshold(rows: Sequence[Mapping[str, Any]], thresholds: Iterable[int
     pick the one with the smallest estimated worst slowdown (the smaller threshold on a tie).
 
     Returns ``{"best": m, "worst": {m: (estimate, low, high)}, "tied": [m, ...]}``: ``tied``
-    lists the thresholds that this sweep cannot tell from the best, those whose worst slowdown
-    at the low ends of the rows' intervals is not above the best's at the high ends."""
+    lists the thresholds that this sweep cannot tell from the best. Two thresholds differ only
+    on the rows that lie between them (one picks segmented there, the other gathered), and each
+    row's ratio is paired (both paths timed in the same rounds), so the comparison is made
+    there: a threshold is tied with the best when the 95 % interval of every row on which they
+    pick differently contains 1."""
+    rows = list(rows)
     worst = {int(m): threshold_worst_slowdown(rows, int(m)) for m in thresholds}
     if not worst:
         raise ValueError("choose_threshold needs at least one candidate threshold")
     best = min(worst, key=lambda m: (worst[m][0], m))
-    tied = sorted(m for m, (_, lo, _) in worst.items() if lo <= worst[best][2])
+
+    def tells_apart(m: int) -> bool:
+        lo_m, hi_m = min(m, best), max(m, best)
+        for row in rows:
+            if lo_m <= row["rank_rows_per_adapter"] < hi_m:   # the two pick different paths
+                _, low, high = _ratio_summary(row["segmented_over_gathered_time"])
+                if high < 1 or low > 1:
+                    return True
+        return False
+
+    tied = sorted(m for m in worst if not tells_apart(m))
     return {"best": best, "worst": worst, "tied": tied}
 
 
