@@ -201,3 +201,8 @@ def test_a_column_of_formatted_numbers_is_right_aligned_as_written():
     assert cells[1][2] == "\u22120.549" and cells[2][1] == "—"
     html = table_html(rows, ["method", "EM", "gap", "ratio", "edge?"])
     assert 'class="data row1 col1 num"' in html and 'class="data row2 col4 text"' in html
+    # a number with one more in brackets (a choice and its runner-up) aligns too; a word
+    # in brackets does not
+    cells, numeric = format_columns([["a", "0.5 (0.35)", "0.5 (best)"],
+                                     ["b", "1.4 (1)", "1 (tie)"]], ["m", "λ", "note"])
+    assert numeric == [False, True, False]

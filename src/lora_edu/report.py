@@ -88,13 +88,13 @@ def _is_number(v: Any) -> bool:
 
 
 _NUM = r"[+\-\u2212]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:e[+\-\u2212]?\d+)?(?:\s?(?:%|×))?"
-_FORMATTED_NUMBER = re.compile(
-    rf"{_NUM}(?:\s*[\[(]\s*{_NUM}\s*(?:,|–|-|to)\s*{_NUM}\s*[\])])?", re.IGNORECASE)
+_FORMATTED_NUMBER = re.compile(   # a number, then optionally an interval or one number in brackets
+    rf"{_NUM}(?:\s*[\[(]\s*{_NUM}(?:\s*(?:,|–|-|to)\s*{_NUM})?\s*[\])])?", re.IGNORECASE)
 
 
 def _is_formatted_number(v: Any) -> bool:
     """A string that is a number as written: ``"2.56"``, ``"+3.6"``, ``"45.3 [42.8, 47.8]"``,
-    ``"3.33×"``, ``"12 %"``, or the missing mark."""
+    ``"0.5 (0.35)"``, ``"3.33×"``, ``"12 %"``, or the missing mark."""
     return isinstance(v, str) and (v.strip() == MISSING
                                    or _FORMATTED_NUMBER.fullmatch(v.strip()) is not None)
 
