@@ -177,6 +177,9 @@ def test_choose_threshold_scores_worst_slowdowns_with_intervals() -> None:
     # not on whether some row between them separates the paths
     rows2 = [row(8, 1.9, 2.1), row(32, 0.97, 0.99), row(48, 1.01, 1.03), row(64, 0.45, 0.55)]
     assert 64 in choose_threshold(rows2, [16, 32, 64])["tied"]
+    with pytest.raises(ValueError, match="rounds"):     # no degrees of freedom, no interval
+        choose_threshold([{"rank_rows_per_adapter": 8, "segmented_over_gathered_time":
+                           {"ci95_low": 0.9, "ci95_high": 1.1}}], [4, 8])
     stored = {"geomean": 1.0, "ci95_low": 0.9, "ci95_high": 1.2}    # a stored geomean wins
     assert threshold_worst_slowdown([{"rank_rows_per_adapter": 1,
                                       "segmented_over_gathered_time": stored}], 1)[0] == 0

@@ -108,15 +108,15 @@ AdapterIds = Sequence[str] | Sequence[int] | torch.Tensor
 
 #: ``mode="auto"`` takes the segmented path when the gathered path would gather at least this
 #: many rank rows per adapter present (requests × r_max / adapters present), and the gathered
-#: path otherwise. Set from the layer sweep of ``benchmarks/multi_adapter.py``
-#: (``layer_sweep.best_threshold`` in its result file): the power of two with the smallest
-#: worst-case slowdown against the faster path over its shapes and ranks, slowdowns from the
-#: geometric-mean per-round ratio (:func:`threshold_worst_slowdown`). Chosen on an earlier
-#: idle sweep (which picked 128; committed runs of the sweep have picked 128 or 64),
-#: and checked on the committed one: ``tests/test_serving.py`` fails if it leaves the set
-#: that sweep cannot tell from its own best on the worst-case objective
-#: (:func:`choose_threshold`'s ``tied``).
-SEGMENT_MIN_RANK_ROWS = 128
+#: path otherwise. Chosen on a layer sweep of ``benchmarks/multi_adapter.py`` as the power of
+#: two with the smallest worst-case slowdown against the faster path over its shapes and ranks
+#: (:func:`choose_threshold`). The rule: the constant is chosen on one run and checked on the
+#: next, whose figure for it is then a fresh estimate. History: 128 from the run of f3f3931;
+#: 64 from the run of 29d2832, in force when the committed run (b1da7ac) started, which
+#: picked 64 again. ``tests/test_serving.py`` fails if the constant leaves the set the
+#: committed run cannot tell from its own best on the worst-case objective. Runs of this
+#: sweep have disagreed between 64 and 128 by more than their within-run intervals.
+SEGMENT_MIN_RANK_ROWS = 64
 
 
 def choose_path(requests: int, adapters_present: int, r_max: int,
@@ -739,11 +739,16 @@ def choose_threshold(rows: Sequence[Mapping[str, Any]], thresholds: Iterable[int
     "difference": {m: (low, high)}}``. ``tied`` lists the thresholds that this sweep cannot
     tell from the best *on the objective itself*: the 95 % interval of worst(m) − worst(best)
     contains 0. The interval comes from a parametric bootstrap: each row's mean log ratio is
-    redrawn from a normal with the standard error its t-interval implies (rows are timed in
+    redrawn from the t distribution its interval implies (rows are timed in
     rounds of their own, so independently), and both worst cases are recomputed on the same
     draw, so the two thresholds are compared on shared rows. Two thresholds pick different
     paths only on the rows between them; a row that favours one and a row that favours the
-    other both count, through the worst case, as the objective weighs them."""
+    other both count, through the worst case, as the objective weighs them. The interval
+    covers one run's noise; runs of a sweep can differ by more.
+
+    Raises:
+        ValueError: no candidate threshold, or a row without ``rounds`` (or fewer than 2).
+    """
     from scipy.stats import t as student_t
 
     rows = list(rows)
@@ -753,10 +758,17 @@ def choose_threshold(rows: Sequence[Mapping[str, Any]], thresholds: Iterable[int
     best = min(worst, key=lambda m: (worst[m][0], m))
     summaries = [_ratio_summary(r["segmented_over_gathered_time"]) for r in rows]
     centre = np.log([g for g, _, _ in summaries])
-    rounds = [int(r["segmented_over_gathered_time"].get("rounds", 0)) for r in rows]
-    se = np.array([(math.log(hi) - math.log(lo)) / (2 * student_t.ppf(0.975, max(n - 1, 1)))
-                   if n > 1 else 0.0 for (_, lo, hi), n in zip(summaries, rounds)])
-    draw = np.exp(centre + se * np.random.default_rng(seed).standard_normal((draws, len(rows))))
+    if any("rounds" not in r["segmented_over_gathered_time"] for r in rows):
+        raise ValueError("choose_threshold needs each row's 'rounds' (the degrees of freedom of "
+                         "its interval); re-run benchmarks/multi_adapter.py")
+    df = np.array([int(r["segmented_over_gathered_time"]["rounds"]) - 1 for r in rows])
+    if (df < 1).any():
+        raise ValueError("every row needs at least 2 rounds")
+    se = np.array([(math.log(hi) - math.log(lo)) / (2 * student_t.ppf(0.975, k))
+                   for (_, lo, hi), k in zip(summaries, df)])
+    # each row's mean log ratio redrawn from its own t distribution (rounds − 1 df)
+    rng = np.random.default_rng(seed)
+    draw = np.exp(centre + se * rng.standard_t(df, size=(draws, len(rows))))
     x = np.array([r["rank_rows_per_adapter"] for r in rows])
 
     def worst_of(m: int) -> np.ndarray:         # (draws,) worst slowdown of threshold m
