@@ -15,7 +15,7 @@ alone, so every timing runs a fixed number of forward passes, the same for every
 shape: enough that each timing covers as many tokens as one pass of the largest shape
 (``calls_per_timing`` in the settings; times are written per forward pass).
 
-Statistics (``../shared/EVIDENCE.md`` §5): each round runs all five versions back to back in a
+Statistics (``../shared/EVIDENCE.md`` §5): each round runs every version and control back to back in a
 fresh random order (seeded, :func:`lora_edu.serving.round_orders`: a fixed rotation would let
 one version always follow the same neighbour); each version's time relative to the base is the geometric mean of the per-round
 ratios with its own 95 % interval (paired over rounds, :func:`lora_edu.serving.round_ratio`;
@@ -62,7 +62,10 @@ PAPER_MS = {"32x512": {"fine-tuned or merged LoRA": 1449.4, "AdapterL": 1482.0,
 
 
 def build_versions(device: torch.device, block: int) -> dict[str, nn.Module]:
-    """The five versions of the GPT, with non-zero adapters (nothing is skipped)."""
+    """The versions of the GPT, with non-zero adapters (nothing is skipped), and the controls:
+    two more copies of the base (``base_again``, ``base_copy3``: how far copies of one model
+    are timed apart) and the base object itself under a second name (``base_same``: how far
+    one object is timed from itself, which only the round order and noise can move)."""
     seed_all(0)
     base = GPT(gpt_config("gpu" if device.type == "cuda" else "cpu", block_size=block))
     base = base.to(device).eval()
@@ -74,7 +77,8 @@ def build_versions(device: torch.device, block: int) -> dict[str, nn.Module]:
     for m in adapter.modules():
         if isinstance(m, BottleneckAdapter):
             nn.init.normal_(m.up.weight, std=0.02)
-    return {"base": base, "base_again": copy.deepcopy(base),
+    return {"base": base, "base_same": base, "base_again": copy.deepcopy(base),
+            "base_copy3": copy.deepcopy(base),
             "lora_merged": merge_lora(copy.deepcopy(unmerged)), "lora_unmerged": unmerged,
             "adapter_h": adapter}
 
@@ -154,6 +158,8 @@ def main() -> int:
                      "statistic": "per version: geometric mean of the per-round ratios to the "
                                   "base with its 95 % CI; median and quartiles of the ratios "
                                   "as the spread (lora_edu.serving.round_ratio)",
+                     "controls": "base_same: the base object timed under a second name; "
+                                 "base_again, base_copy3: deep copies of the base",
                      "model": ("gpu preset" if device.type == "cuda" else
                                "cpu preset (d_model 128, 4 layers)"),
                      "lora": "r=8, alpha=16 on q and v", "adapter": "AdapterH, bottleneck 16"},
