@@ -15,11 +15,12 @@ alone, so every timing runs a fixed number of forward passes, the same for every
 shape: enough that each timing covers as many tokens as one pass of the largest shape
 (``calls_per_timing`` in the settings; times are written per forward pass).
 
-Statistics (``../shared/EVIDENCE.md`` §5): each round runs every version and control back to back in a
-fresh random order (seeded, :func:`lora_edu.serving.round_orders`: a fixed rotation would let
-one version always follow the same neighbour); each version's time relative to the base is the geometric mean of the per-round
-ratios with its own 95 % interval (paired over rounds, :func:`lora_edu.serving.round_ratio`;
-their median and quartiles are stored as the spread). On a GPU the clock is elapsed time; on
+Statistics (``../shared/EVIDENCE.md`` §5): each round runs every version and control back to
+back in a fresh random order (seeded, :func:`lora_edu.serving.round_orders`: a fixed rotation
+would let one version always follow the same neighbour); each version's time relative to the
+base is the geometric mean of the per-round ratios with its own 95 % interval (paired over
+rounds, :func:`lora_edu.serving.round_ratio`; their median and quartiles are stored as the
+spread). On a GPU the clock is elapsed time; on
 a CPU it is the CPU time of the one thread PyTorch runs on, so a CPU figure is a one-thread
 figure at toy width.
 Writes ``benchmarks/results/merge_latency-<device>.json`` with every round's milliseconds, the

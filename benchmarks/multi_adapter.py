@@ -49,12 +49,12 @@ latency; per server and round: their mean and p95 over the requests, and tokens 
 across rounds (``mean_over_rounds``): the mean of each per-round figure with its 95 % t-interval.
 
 **Statistics** (``../shared/EVIDENCE.md`` §5). Each round runs every arm once, back to back, in
-a fresh random order (seeded, :func:`lora_edu.serving.round_orders`); a ratio is the geometric mean of the per-round ratios with its own 95 %
-interval (paired over rounds; :func:`lora_edu.serving.round_ratio`), whose median and quartiles
-are stored as their spread. Every per-round figure is written too. On a GPU the clock is
-elapsed time; on a CPU it is the CPU time of the one thread PyTorch runs on
-(``time.thread_time``), so a figure measured on a CPU is a one-thread figure at the model's own
-(toy) width.
+a fresh random order (seeded, :func:`lora_edu.serving.round_orders`); a ratio is the
+geometric mean of the per-round ratios with its own 95 % interval (paired over rounds;
+:func:`lora_edu.serving.round_ratio`), whose median and quartiles are stored as their
+spread. Every per-round figure is written too. On a GPU the clock is elapsed time; on a
+CPU it is the CPU time of the one thread PyTorch runs on (``time.thread_time``), so a figure
+measured on a CPU is a one-thread figure at the model's own (toy) width.
 
 Also: a layer-level sweep that sets ``SEGMENT_MIN_RANK_ROWS`` (the threshold with the
 smallest worst-case slowdown, :func:`lora_edu.serving.choose_threshold`, and the thresholds it

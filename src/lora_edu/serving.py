@@ -547,7 +547,8 @@ def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int = 
     processes, clock changes) hits every candidate alike rather than whichever ran last.
 
     Each round calls every function once, in the round's order from :func:`round_orders`
-    (a seeded random permutation by default); on CUDA each call is synchronised. ``clock="wall"`` measures elapsed time (``time.perf_counter``).
+    (a seeded random permutation by default); on CUDA each call is synchronised.
+    ``clock="wall"`` measures elapsed time (``time.perf_counter``).
     ``clock="thread"`` measures the CPU time of the calling thread (``time.thread_time``)
     with PyTorch limited to one thread for the duration: on a CPU shared with other
     processes this counts the work of the computation itself and not the time spent waiting
@@ -739,8 +740,8 @@ def choose_threshold(rows: Sequence[Mapping[str, Any]], thresholds: Iterable[int
     "difference": {m: (low, high)}}``. ``tied`` lists the thresholds that this sweep cannot
     tell from the best *on the objective itself*: the 95 % interval of worst(m) − worst(best)
     contains 0. The interval comes from a parametric bootstrap: each row's mean log ratio is
-    redrawn from the t distribution its interval implies (rows are timed in
-    rounds of their own, so independently), and both worst cases are recomputed on the same
+    redrawn from the t distribution its interval implies (rows are timed in rounds of their
+    own, so independently), and both worst cases are recomputed on the same
     draw, so the two thresholds are compared on shared rows. Two thresholds pick different
     paths only on the rows between them; a row that favours one and a row that favours the
     other both count, through the worst case, as the objective weighs them. The interval
