@@ -704,6 +704,14 @@ def _ratio_summary(summary: Mapping[str, float]) -> tuple[float, float, float]:
     return float(summary.get("geomean", math.sqrt(low * high))), low, high
 
 
+def _picked_cost(rank_rows: Any, threshold: int, ratio: Any) -> np.ndarray:
+    """What the path ``mode="auto"`` picks costs against the other, from the ratio
+    ρ = time segmented / time gathered: ρ where it picks the segmented path (rank rows per
+    adapter ≥ ``threshold``), 1/ρ where it picks the gathered one. Broadcasts."""
+    ratio = np.asarray(ratio, dtype=float)
+    return np.where(np.asarray(rank_rows) >= threshold, ratio, 1 / ratio)
+
+
 def threshold_worst_slowdown(rows: Iterable[Mapping[str, Any]], threshold: int,
                              ) -> tuple[float, float, float]:
     """How much slower than the faster path ``mode="auto"`` gets, at worst, over a layer
@@ -719,11 +727,9 @@ def threshold_worst_slowdown(rows: Iterable[Mapping[str, Any]], threshold: int,
     est = low = high = 0.0
     n = 0
     for row in rows:
-        g, lo, hi = _ratio_summary(row["segmented_over_gathered_time"])
-        if row["rank_rows_per_adapter"] >= threshold:       # segmented picked: costs ρ
-            e, a, b = g, lo, hi
-        else:                                               # gathered picked: costs 1/ρ
-            e, a, b = 1 / g, 1 / hi, 1 / lo
+        cost = _picked_cost(row["rank_rows_per_adapter"], threshold,
+                            _ratio_summary(row["segmented_over_gathered_time"]))
+        e, a, b = float(cost[0]), float(cost[1:].min()), float(cost[1:].max())
         est, low, high = max(est, e - 1), max(low, a - 1), max(high, b - 1)
         n += 1
     if n == 0:
@@ -773,8 +779,7 @@ def choose_threshold(rows: Sequence[Mapping[str, Any]], thresholds: Iterable[int
     x = np.array([r["rank_rows_per_adapter"] for r in rows])
 
     def worst_of(m: int) -> np.ndarray:         # (draws,) worst slowdown of threshold m
-        cost = np.where(x >= m, draw, 1 / draw)   # segmented picked costs rho, else 1/rho
-        return np.maximum(cost.max(axis=1) - 1, 0)
+        return np.maximum(_picked_cost(x, m, draw).max(axis=1) - 1, 0)
 
     base = worst_of(best)
     difference = {m: tuple(float(v) for v in np.percentile(worst_of(m) - base, [2.5, 97.5]))
