@@ -485,6 +485,10 @@ def evaluate_grid(args: argparse.Namespace) -> int:
     result = {**provenance("combine_tasks-eval-grid", device),
               "source_git_commit": evaluation["git_commit"], "source_date": evaluation["date"],
               "settings": {"n_test": cfg["n_test"], "report_seeds": REPORT_SEEDS,
+                           "threads": torch.get_num_threads(),
+                           "reproduced": "reproduced[design][type]: the share of the first "
+                                         "pair's per-prompt hits at the chosen λ, scored "
+                                         "again, equal to the source's",
                            "what": "test[design][type]['at'][λ]: the report pairs scored at "
                                    "each λ of the final validation grid that the source "
                                    "evaluation did not score, as its own 'at' entries"},
