@@ -41,6 +41,14 @@ combinations, as chapter 12 reports them (``benchmarks/results/combine_tasks-eva
     python benchmarks/combine_tasks.py --evaluate --n-val 8 --n-test 8 --methods cat ties \
         --lambdas 1 2 --result /tmp/x.json                      # a quick try
 
+``--evaluate-grid`` scores the report pairs on the test split at **every** λ of each type's
+final validation grid that the committed evaluation did not score (it scored the chosen λ and
+the runner-up), so that a verdict can be checked at every λ validation cannot tell from the
+chosen one (``benchmarks/results/combine_tasks-eval-grid-<device>.json``; the same prompts,
+pairs and DARE draws; the evaluation it extends is named in ``source_git_commit``):
+
+    python benchmarks/combine_tasks.py --evaluate-grid
+
 ``--lock PATH`` holds an exclusive ``flock`` on PATH while one combination type of one design
 is chosen and scored (a few minutes) and releases it between them (a machine shared with other
 heavy jobs).
@@ -51,15 +59,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import provenance, write_result  # noqa: E402
+from _provenance import RESULTS, provenance, write_result  # noqa: E402
 
 from lora_edu.adapters import PEFT_WEIGHTS_NAME, save_peft_adapter  # noqa: E402
 from lora_edu.combine import (SVD_TYPES, answer_items, combine_named_adapters,  # noqa: E402
@@ -145,6 +155,9 @@ def main() -> int:
                         help="with --from-log: the git commit the training run ran at")
     parser.add_argument("--evaluate", action="store_true",
                         help="combine the committed adapters and score them (no training)")
+    parser.add_argument("--evaluate-grid", action="store_true",
+                        help="score the test split at every λ of the committed evaluation's "
+                             "grids that it did not score (no training)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
@@ -163,6 +176,8 @@ def main() -> int:
         return record_from_log(args)
     if args.evaluate:
         return evaluate(args)
+    if args.evaluate_grid:
+        return evaluate_grid(args)
     torch.set_num_threads(1 if get_device().type == "cpu" else torch.get_num_threads())
     device = get_device()
     model, tokenizer = load_smollm2(device=device)
@@ -440,6 +455,73 @@ def evaluate(args: argparse.Namespace) -> int:
                   f"match at the token-chosen λ {em} ({time.time() - start:.0f} s)", flush=True)
     result["wall_seconds"] = round(time.time() - start)
     write_result(result, "combine_tasks-eval", device, out=args.result)
+    return 0
+
+
+def unscored_lambdas(evaluation: dict, design: str, method: str) -> list[float]:
+    """The λ of a type's final validation grid at which ``evaluation`` has no test scores."""
+    scored = set(evaluation["test"][design][method]["at"])
+    return [lam for lam in evaluation["selection"][design][method]["lambdas"]
+            if str(lam) not in scored]
+
+
+def evaluate_grid(args: argparse.Namespace) -> int:
+    """--evaluate-grid: test scores at the λ the committed evaluation left unscored."""
+    device = get_device()
+    source_path = RESULTS / f"combine_tasks-eval-{device.type}.json"
+    evaluation = json.loads(source_path.read_text())
+    if evaluation["git_commit"].endswith("+dirty"):
+        raise SystemExit(f"{source_path} was made from a dirty tree")
+    torch.set_num_threads(args.threads if device.type == "cpu" else torch.get_num_threads())
+    start = time.time()
+    model, tokenizer = load_smollm2(device=device)
+    model.eval()
+    cfg = evaluation["settings"]
+    examples = heldout_examples(cfg["n_val"], cfg["n_test"])
+    assert json.loads(json.dumps(examples)) == evaluation["examples"], "other prompts"
+    batches = {t: encode_task(tokenizer, examples[t]["test"]).to(device) for t in TASKS}
+    names = [f"{t}-s{s}" for s in REPORT_SEEDS for t in TASKS]
+    adapters = {n: read_adapter(args.adapters / n) for n in names}
+    result = {**provenance("combine_tasks-eval-grid", device),
+              "source_git_commit": evaluation["git_commit"], "source_date": evaluation["date"],
+              "settings": {"n_test": cfg["n_test"], "report_seeds": REPORT_SEEDS,
+                           "threads": torch.get_num_threads(),
+                           "reproduced": "reproduced[design][type]: the share of the first "
+                                         "pair's per-prompt hits at the chosen λ, scored "
+                                         "again, equal to the source's",
+                           "what": "test[design][type]['at'][λ]: the report pairs scored at "
+                                   "each λ of the final validation grid that the source "
+                                   "evaluation did not score, as its own 'at' entries"},
+              "test": {}}
+    for design, methods in evaluation["test"].items():
+        result["test"][design] = {}
+        for method in methods:
+            design_pairs = pairs(design, REPORT_SEEDS)
+            assert [tuple(e["pair"]) for e in next(iter(
+                evaluation["test"][design][method]["at"].values()))] == design_pairs
+            combos = [combination(adapters, pair, method, i)
+                      for i, pair in enumerate(design_pairs)]
+            # the same computation? the first pair at the chosen λ again, against the source
+            chosen = evaluation["test"][design][method]["lambda"]
+            again = score(model, batches, combos[0], chosen)
+            then = evaluation["test"][design][method]["at"][str(chosen)][0]
+            result.setdefault("reproduced", {}).setdefault(design, {})[method] = float(np.mean(
+                [a == b for t in TASKS
+                 for a, b in zip(hits_string(again[t]["hits"]), then[t]["hits"])]))
+            at = {}
+            for lam in unscored_lambdas(evaluation, design, method):
+                at[str(lam)] = []
+                for pair, c in zip(design_pairs, combos):
+                    got = score(model, batches, c, lam)
+                    at[str(lam)].append({"pair": pair, **{
+                        t: {"hits": hits_string(g["hits"]), "loss": float(g["loss"].mean())}
+                        for t, g in got.items()}})
+            result["test"][design][method] = {"at": at}
+            print(f"{design} {method}: scored λ {sorted(float(k) for k in at)} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+            write_result(result, "combine_tasks-eval-grid", device)   # after every type
+    result["wall_seconds"] = round(time.time() - start)
+    write_result(result, "combine_tasks-eval-grid", device)
     return 0
 
 

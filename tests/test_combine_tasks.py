@@ -48,3 +48,10 @@ def test_a_best_at_the_bound_stops_there_and_says_so(monkeypatch, ct):
     assert tok["chosen"] == max(got["lambdas"]) and tok["at_edge"]
     assert tok["chosen"] * 2 ** 0.5 > ct.LAMBDA_BOUNDS[1]
     assert not got["by_measure"]["exact_match"]["at_edge"]
+
+
+def test_unscored_lambdas_are_the_grid_minus_what_was_scored(ct):
+    mod = ct
+    evaluation = {"selection": {"independent": {"cat": {"lambdas": [0.35, 0.5, 0.7, 1.0]}}},
+                  "test": {"independent": {"cat": {"at": {"0.5": [], "0.7": []}}}}}
+    assert mod.unscored_lambdas(evaluation, "independent", "cat") == [0.35, 1.0]
