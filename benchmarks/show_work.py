@@ -3,7 +3,7 @@
 Chapter 8's answers show their work (``2021-02-26 + 7 = 2021-03-05``). This script trains the
 configuration the chapter re-runs live, LoRA on q,v at r = 8, on the same questions with
 
-* **bare** answers (``2021-03-05``): no working at all, a third of the supervised tokens;
+* **bare** answers (``2021-03-05``): no working at all, fewer than half the supervised tokens;
 * **result first** (``2021-03-05 = 2021-02-26 + 7``): the same tokens as the worked answer,
   but the result comes before the working, so a left-to-right model cannot use it. This is the
   control that separates the two things a scratchpad adds: intermediate *supervision* (more

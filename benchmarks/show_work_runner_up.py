@@ -68,6 +68,8 @@ def main() -> int:
     if "seconds" not in work:
         raise SystemExit(f"{work_path} is not finished: let show_work.py end first")
     sweep = Sweep.load(f"real_sweep-{device.type}.json")
+    if sweep.data["git_commit"] != work["source_git_commit"]:
+        raise SystemExit("the sweep is not the one show_work.py was made from")
     runner_up = {f: form_ranking(work, f)[1] for f in work["forms"]}
     runner_up[WORKED] = sweep.runner_up_lr(METHOD)
     result = {**provenance("show_work_runner_up", device), "method": METHOD,
@@ -79,6 +81,8 @@ def main() -> int:
               "runs": []}
     out_file = args.out or RESULTS / f"show_work_runner_up-{device.type}.json"
     done = resumed_runs(out_file, result, _key) if args.resume else {}
+    if done and json.loads(out_file.read_text())["source_date"] != work["date"]:
+        raise SystemExit(f"--resume: {out_file} was made from another show_work result")
     jobs = [{"form": f, "lr": lr, "seed": s, "phase": "report", "steps": work["steps"],
              "batch_size": work["batch_size"]}
             for f, lr in runner_up.items() for s in work["report_seeds"]]
