@@ -144,7 +144,7 @@ def test_stratified_sets_and_question_kinds():
     assert [kind_of(e) for e in test] == [k for k in KINDS for _ in range(TEST_STRATA[k])]
     assert len({e.question for e in test}) == len(test)           # no question twice
     train = date_arithmetic(2000, "train")
-    month_day = lambda e: e.answer.split(" + ")[0][5:]  # noqa: E731
+    month_day = lambda e: e.answer.split(" + ")[0][5:]
     assert not {month_day(e) for e in train} & {month_day(e) for e in test}
     assert "1 day after" in next(e.question for e in train if e.question.split()[3] == "1")
     with pytest.raises(ValueError, match="not both"):
@@ -174,26 +174,44 @@ def test_train_step_long_batch_has_the_asked_length(tokenizer):
         long_batch(batch, 0)
 
 
+_FREED = """
+import gc, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import train_step
+
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+assert train_step.keep_large_blocks_on_mmap()
+kept = []   # small tensors that outlive each round pin the heap, as a model's do
+for _ in range(3):  # later rounds run after a large free, as in the script
+    tensors = []
+    for _ in range(64):   # 64 x 4 MiB
+        tensors.append(torch.ones(1024, 1024))
+        kept.append(torch.ones(16 * 1024))
+    held = resident()
+    del tensors
+    gc.collect()
+    print(held - resident())
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_train_step_gives_freed_tensors_back():
     """benchmarks/train_step.keep_large_blocks_on_mmap: after it, freeing a model's worth of
     few-MiB tensors lowers the resident memory (glibc's adaptive threshold would keep them on
-    the heap after the first large free, and the script grew ~1 GB per model copy)."""
-    import gc
+    the heap after the first large free, and the script grew ~1 GB per model copy). Measured
+    in a fresh process, as the script runs: the heap of a long test session, shaped by every
+    test before this one, is not the script's."""
+    import subprocess
 
-    from conftest import import_benchmark
+    from conftest import BENCH
 
-    def resident() -> int:
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    assert import_benchmark("train_step").keep_large_blocks_on_mmap()
-    kept = []   # small tensors that outlive each round pin the heap, as a model's do
-    for _ in range(3):  # later rounds run after a large free, as in the script
-        tensors = []
-        for _ in range(64):   # 64 × 4 MiB
-            tensors.append(torch.ones(1024, 1024))
-            kept.append(torch.ones(16 * 1024))
-        held = resident()
-        del tensors
-        gc.collect()
-        assert held - resident() > 200 * 2**20   # without the fix: 0 in rounds 2 and 3
+    out = subprocess.run([sys.executable, "-c", _FREED, str(BENCH)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    freed = [int(line) for line in out.stdout.split()]
+    assert len(freed) == 3
+    assert all(f > 200 * 2**20 for f in freed), freed   # without the fix: 0 in rounds 2, 3
