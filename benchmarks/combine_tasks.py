@@ -291,6 +291,13 @@ def score(model, batches: dict, adapter=None, scale: float = 1.0) -> dict:
         return {task: answer_items(model, batch) for task, batch in batches.items()}
 
 
+def scored_items(model, batches: dict, adapter=None, scale: float = 1.0) -> dict:
+    """:func:`score` as the result files keep it: per task, the per-prompt hits as a digit
+    string and the mean loss."""
+    return {task: {"hits": hits_string(got["hits"]), "loss": float(got["loss"].mean())}
+            for task, got in score(model, batches, adapter, scale).items()}
+
+
 def summary(items: dict) -> dict:
     """Exact match, per-token accuracy and loss per task from :func:`score`'s items."""
     out = {}
@@ -393,9 +400,7 @@ def evaluate(args: argparse.Namespace) -> int:
     assert set(lengths.values()) == {ANSWER_TOKENS}, lengths
 
     def test_items(adapter=None, scale=1.0) -> dict:
-        got = score(model, batches["test"], adapter, scale)
-        return {t: {"hits": hits_string(g["hits"]), "loss": float(g["loss"].mean())}
-                for t, g in got.items()}
+        return scored_items(model, batches["test"], adapter, scale)
 
     result = {**provenance("combine_tasks", device),  # git_commit with "+dirty" if dirty
               "settings": {"methods": args.methods, "control_methods": args.control_methods,
@@ -510,12 +515,8 @@ def evaluate_grid(args: argparse.Namespace) -> int:
                  for a, b in zip(hits_string(again[t]["hits"]), then[t]["hits"])]))
             at = {}
             for lam in unscored_lambdas(evaluation, design, method):
-                at[str(lam)] = []
-                for pair, c in zip(design_pairs, combos):
-                    got = score(model, batches, c, lam)
-                    at[str(lam)].append({"pair": pair, **{
-                        t: {"hits": hits_string(g["hits"]), "loss": float(g["loss"].mean())}
-                        for t, g in got.items()}})
+                at[str(lam)] = [{"pair": pair, **scored_items(model, batches, c, lam)}
+                                for pair, c in zip(design_pairs, combos)]
             result["test"][design][method] = {"at": at}
             print(f"{design} {method}: scored λ {sorted(float(k) for k in at)} "
                   f"({time.time() - start:.0f} s)", flush=True)
